@@ -1,0 +1,64 @@
+"""The repository sets itself up: environment.yml agrees with pyproject.toml; `make lab` serves the notebooks."""
+
+import importlib.util
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_distribution_is_not_the_unrelated_mplib_on_the_package_index():
+    project = pyproject()["project"]
+    assert project["name"] != "mplib"
+    assert any(d == "torch==2.13.0" for d in project["dependencies"])
+    for name in ("transformers", "jupyterlab", "matplotlib", "ipywidgets", "tqdm"):
+        assert any(d.startswith(name) for d in project["dependencies"]), name
+    assert all("==" in d for d in project["optional-dependencies"]["test"])  # pytest and nbval pinned
+
+
+def test_environment_yml_installs_this_repository_and_nothing_else_by_hand():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(conda) == ["pip", "python=3.11"]
+    assert pip == ["--editable .[test]"]
+    # pyproject.toml is the one source of dependencies: the extra environment.yml asks for exists
+    assert "test" in pyproject()["project"]["optional-dependencies"]
+    py = re.sub(r"[^\d.]", "", pyproject()["project"]["requires-python"])
+    assert tuple(map(int, "3.11".split("."))) >= tuple(map(int, py.split(".")))
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^```(?:bash|sh)?\n(.*?)\n```", readme, flags=re.S | re.M)
+    assert commands[:2] == ["make lab", "make test"]
+    assert "make test </dev/null" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_notebook_uses_the_python3_kernel():
+    import json
+
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for nb in notebooks:
+        meta = json.loads(nb.read_text())["metadata"]
+        assert meta["kernelspec"]["name"] == "python3", nb.name
+
+
+@pytest.mark.slow
+def test_make_lab_serves_the_notebooks():
+    spec = importlib.util.spec_from_file_location("check_lab", ROOT / "scripts" / "check_lab.py")
+    check_lab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_lab)
+    names = check_lab.served_notebooks()
+    assert "00_setup.ipynb" in names
+    assert names == sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
