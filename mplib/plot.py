@@ -12,3 +12,271 @@ def _axes(ax=None, figsize=(7, 3)):
     if ax is None:
         _, ax = plt.subplots(figsize=figsize)
     return ax
+
+
+def _moving_average(values, window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss(history, ax=None, smooth: int | None = None, label: str = "train", logy: bool = False):
+    """Training loss per step (faint), its moving average (solid) and any evaluations (dots).
+
+    `history` is an `mplib.train.History` or a plain list of losses; `smooth` is the moving
+    average window in steps (None: about 1/20 of the run; 1: no smoothing).
+
+    Example:
+        history = mplib.train.fit(model, batches, loss_fn, steps=200)
+        mplib.plot.loss(history); plt.show()
+    """
+    losses = list(getattr(history, "losses", history))
+    if not losses:
+        raise ValueError("nothing to plot: the history has no losses; train for at least one step")
+    window = max(1, len(losses) // 20) if smooth is None else int(smooth)
+    if window < 1:
+        raise ValueError(f"smooth must be a window of at least 1 step, got {smooth}")
+    ax = _axes(ax)
+    steps = range(1, len(losses) + 1)
+    if window > 1:
+        line, = ax.plot(steps, losses, alpha=0.3, linewidth=0.8)
+        ax.plot(steps, _moving_average(losses, window), color=line.get_color(),
+                label=f"{label} (mean of {window} steps)")
+    else:
+        ax.plot(steps, losses, label=label)
+    evals = list(getattr(history, "evals", []))
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return ax
+
+
+# --- timelines (Gantt charts) and memory over time --------------------------------------------
+
+_KIND_STYLE = {  # kind -> (hatch, lightness mix toward white, bar height)
+    "forward": ("", 0.0, 0.8),
+    "backward": ("", 0.45, 0.8),
+    "recompute": ("///", 0.2, 0.8),
+    "copy": ("...", 0.6, 0.4),
+    "optimizer": ("xx", 0.0, 0.8),
+    "other": ("", 0.3, 0.8),
+}
+
+
+def _time_unit(duration: float) -> tuple[float, str]:
+    if duration >= 1.0:
+        return 1.0, "s"
+    if duration >= 1e-3:
+        return 1e3, "ms"
+    return 1e6, "µs"
+
+
+def _compute_lanes(tl) -> list[int]:
+    """Lanes that did any compute (link lanes that only copy are left out of the bubble)."""
+    lanes = sorted({e.lane for e in tl.events if e.kind != "copy"})
+    return lanes or list(range(len(tl.lanes)))
+
+
+def timeline(tl, ax=None, labels: bool = True, title: str | None = None, legend: bool = True):
+    """Gantt chart of a Timeline: one row per lane, one colour per micro-batch, idle time blank.
+
+    Forward bars are solid, backward lighter, recompute hatched `///`, copies thin and dotted;
+    events without a micro-batch are grey. Measured and simulated timelines draw alike; the
+    title gives the bubble fraction over the lanes that compute.
+
+    Example:
+        tl = mplib.simulate.simulate(mplib.schedule.build("1f1b", 4, 8), [1] * 4, [2] * 4)
+        mplib.plot.timeline(tl); plt.show()
+    """
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    ax = _axes(ax, figsize=(9, 0.55 * len(tl.lanes) + 1.4))
+    scale, unit = _time_unit(tl.end)
+    cmap = plt.get_cmap("tab10")
+    for e in tl.events:
+        hatch, light, height = _KIND_STYLE.get(e.kind, _KIND_STYLE["other"])
+        base = (0.55, 0.55, 0.55) if e.microbatch is None else to_rgb(cmap(e.microbatch % 10))
+        colour = tuple(c + (1 - c) * light for c in base)
+        ax.barh(e.lane, e.duration * scale, left=e.start * scale, height=height, color=colour,
+                hatch=hatch, edgecolor="black", linewidth=0.4)
+        if labels and e.microbatch is not None and e.kind != "copy" and tl.end > 0 \
+                and e.duration / tl.end > 0.025:
+            ax.text((e.start + e.duration / 2) * scale, e.lane, f"{e.kind[0].upper()}{e.microbatch}",
+                    ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(tl.lanes)), tl.lanes)
+    ax.set_ylim(len(tl.lanes) - 0.5, -0.5)  # first lane on top
+    ax.set_xlim(0, max(tl.end * scale, 1e-12))
+    ax.set_xlabel(f"time ({unit})")
+    if title is None:
+        title = f"{tl.source} timeline, bubble {tl.bubble_fraction(_compute_lanes(tl)):.0%}"
+    ax.set_title(title)
+    if legend:
+        kinds = [k for k in _KIND_STYLE if any(e.kind == k for e in tl.events)]
+        handles = [Patch(facecolor=tuple(c + (1 - c) * _KIND_STYLE[k][1] for c in to_rgb(cmap(0))),
+                         hatch=_KIND_STYLE[k][0], edgecolor="black", label=k) for k in kinds]
+        if handles:
+            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                      title="colour = micro-batch", title_fontsize=8)
+    return ax
+
+
+def memory_over_time(tl, ax=None, lanes: list[int] | None = None):
+    """Bytes each lane held over time (from `tl.memory` samples), one step curve per lane.
+
+    Example:
+        tl = pipeline.timeline                    # or a simulated Timeline with memory samples
+        mplib.plot.memory_over_time(tl); plt.show()
+    """
+    if not tl.memory:
+        raise ValueError("this timeline has no memory samples; record some with tl.sample_memory(lane, "
+                         "nbytes) or simulate with bytes_per_microbatch=...")
+    ax = _axes(ax)
+    scale, unit = _time_unit(max(tl.end, max(m.time for m in tl.memory)))
+    peak = max(m.bytes for m in tl.memory)
+    div, bunit = next((d, u) for d, u in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+                      if peak >= d or d == 1)
+    for lane in (sorted({m.lane for m in tl.memory}) if lanes is None else lanes):
+        samples = sorted((m.time, m.bytes) for m in tl.memory if m.lane == lane)
+        if samples:
+            ax.step([t * scale for t, _ in samples], [b / div for _, b in samples], where="post",
+                    label=tl.lanes[lane])
+    ax.set_xlabel(f"time ({unit})")
+    ax.set_ylabel(f"memory ({bunit})")
+    ax.set_title(f"{tl.source} memory over time")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def grad_through_time(norms, ax=None, label: str | None = None):
+    """How much of the gradient reaches each time step: `norms[t]` = |d loss / d x_t| (log scale).
+
+    Example:
+        norms = x.grad.norm(dim=(0, 2))          # x was (B, T, C)
+        mplib.plot.grad_through_time(norms); plt.show()
+    """
+    values = [float(v) for v in norms]
+    if not values:
+        raise ValueError("norms is empty; pass one gradient norm per time step")
+    ax = _axes(ax)
+    ax.plot(range(len(values)), values, "o-", markersize=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("time step t of the input")
+    ax.set_ylabel("|grad of the last output wrt x_t|")
+    if label:
+        ax.legend()
+    return ax
+
+
+def layer_bytes(names, series: dict, ax=None, unit: str = "KiB"):
+    """Grouped bars of byte counts per layer, one bar colour per series (e.g. params, activations).
+
+    Example:
+        mplib.plot.layer_bytes(["embed", "rnn0"], {"parameters": [4096, 8192], "activations": [0, 65536]})
+        plt.show()
+    """
+    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    if unit not in scale:
+        raise ValueError(f"unknown unit {unit!r}; use one of {list(scale)}")
+    names = list(names)
+    for key, values in series.items():
+        if len(values) != len(names):
+            raise ValueError(f"series {key!r} has {len(values)} values for {len(names)} layers; give one per layer")
+    ax = _axes(ax)
+    width = 0.8 / max(1, len(series))
+    for k, (key, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [v / scale[unit] for v in values], width=width, label=key)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(unit)
+    ax.legend()
+    return ax
+
+
+# --- memory estimates vs GPU sizes (mplib.memory, mplib.hardware) ------------------------------
+
+_MEMORY_PARTS = ("params", "grads", "optimizer", "activations")
+
+
+def _named_estimates(estimates) -> dict:
+    """A MemoryEstimate, a list of them or a {name: estimate} dict, as a dict."""
+    if hasattr(estimates, "total"):
+        estimates = [estimates]
+    if not isinstance(estimates, dict):
+        estimates = {(e.label or str(i)): e for i, e in enumerate(estimates)}
+    if not estimates:
+        raise ValueError("nothing to plot: pass a MemoryEstimate, a list of them or a {name: estimate} dict")
+    return estimates
+
+
+def memory(estimates, ax=None, gpus=None, logy: bool | None = None):
+    """Stacked bars of training memory (params / grads / optimizer / activations, GiB) per model,
+    with a dashed line at each GPU memory size of the catalog.
+
+    `gpus` is a list of `mplib.hardware.GPU` (default: the whole catalog); `logy` defaults to a
+    log scale when the largest model needs over 100x the smallest.
+
+    Example:
+        est = {"GPT-2 XL": mplib.memory.estimate(GPT2_XL, batch=8, seq=1024)}
+        mplib.plot.memory(est); plt.show()
+    """
+    import mplib.hardware
+
+    estimates = _named_estimates(estimates)
+    gpus = list(mplib.hardware.GPUS.values()) if gpus is None else list(gpus)
+    ax = _axes(ax, figsize=(8, 4))
+    names = list(estimates)
+    bottom = [0.0] * len(names)
+    for part in _MEMORY_PARTS:
+        heights = [getattr(estimates[n], part) / 2**30 for n in names]
+        ax.bar(names, heights, bottom=bottom, label=part)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    totals = [estimates[n].total / 2**30 for n in names]
+    if logy if logy is not None else max(totals) > 100 * max(min(totals), 1e-9):
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=max(min(getattr(estimates[n], "params") for n in names) / 2**30 / 2, 1e-3))
+    by_size: dict[float, list[str]] = {}
+    for g in gpus:
+        by_size.setdefault(g.memory_gib, []).append(g.name)
+    for size, gnames in sorted(by_size.items()):
+        ax.axhline(size, color="black", linestyle="--", linewidth=0.8)
+        ax.text(len(names) - 0.45, size, f" {' / '.join(gnames)} ({size:g} GiB)", va="center", fontsize=7)
+    ax.set_ylabel("memory for one training step (GiB)")
+    ax.set_title("training memory vs one GPU")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(loc="upper left", fontsize=8)
+    return ax
+
+
+def memory_vs_gpus(estimates, ax=None, gpus=None):
+    """Grouped bars: how many GPUs of each catalog type a model needs by memory alone (log scale).
+
+    A lower bound: it assumes the memory splits perfectly over the GPUs (ceil(total / size)).
+
+    Example:
+        mplib.plot.memory_vs_gpus({"GPT-3": est}); plt.show()
+    """
+    import mplib.hardware
+
+    estimates = _named_estimates(estimates)
+    gpus = list(mplib.hardware.GPUS.values()) if gpus is None else list(gpus)
+    ax = _axes(ax, figsize=(8, 3.5))
+    names = list(estimates)
+    width = 0.8 / max(len(gpus), 1)
+    for j, g in enumerate(gpus):
+        need = [-(-estimates[n].total // g.memory_bytes) for n in names]
+        ax.bar([i + (j - (len(gpus) - 1) / 2) * width for i in range(len(names))], need, width=width, label=g.name)
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_yscale("log")
+    ax.set_ylabel("GPUs needed (memory only)")
+    ax.set_title("minimum GPUs to hold one training step")
+    ax.legend(fontsize=8)
+    return ax

@@ -1,0 +1,137 @@
+"""Catalog of GPUs and links (PCIe, NVLink, NVSwitch) from vendor datasheets, and measured copy bandwidth.
+
+Numbers are the vendors' headline figures (dense tensor-core rates, SXM boards); `source`
+names the document they come from. Measure your own machine with `measure_bandwidth`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+import mplib.env
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One accelerator: memory (GiB, as marketed in GB), memory bandwidth (GB/s) and peak TFLOPS.
+
+    `bf16_tflops` is None where the chip has no bf16 (V100); it is the dense tensor-core rate.
+    """
+
+    name: str
+    memory_gib: float
+    mem_bandwidth_gbs: float
+    fp32_tflops: float
+    bf16_tflops: float | None
+    source: str
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A connection between two devices; `gbs_per_direction` in GB/s (1e9 bytes/s) each way."""
+
+    name: str
+    gbs_per_direction: float
+    source: str
+
+    def seconds(self, nbytes: int) -> float:
+        """Time to send `nbytes` one way at the link's peak rate (a lower bound).
+
+        Example:
+            LINKS["PCIe 4.0 x16"].seconds(2**30)   # about 0.034 s for 1 GiB
+        """
+        return nbytes / (self.gbs_per_direction * 1e9)
+
+
+GPUS: dict[str, GPU] = {g.name: g for g in [
+    GPU("V100 32GB", 32, 900, 15.7, None, "NVIDIA Tesla V100 GPU Accelerator datasheet (SXM2)"),
+    GPU("A100 40GB", 40, 1555, 19.5, 312, "NVIDIA A100 Tensor Core GPU datasheet (SXM, dense BF16)"),
+    GPU("A100 80GB", 80, 2039, 19.5, 312, "NVIDIA A100 Tensor Core GPU datasheet (SXM, dense BF16)"),
+    GPU("H100 SXM", 80, 3350, 67, 989, "NVIDIA H100 Tensor Core GPU datasheet (SXM, dense BF16)"),
+    GPU("H200 SXM", 141, 4800, 67, 989, "NVIDIA H200 Tensor Core GPU datasheet (SXM, dense BF16)"),
+]}
+
+# PCIe: transfer rate x 16 lanes x 128b/130b encoding / 8 bits. NVLink: links per GPU x 25 GB/s
+# each way (V100: 6, A100: 12, H100: 18). NVSwitch gives every GPU pair its full NVLink rate.
+LINKS: dict[str, Link] = {k.name: k for k in [
+    Link("PCIe 3.0 x16", 15.75, "PCI-SIG, PCI Express Base Specification Revision 3.0 (8 GT/s)"),
+    Link("PCIe 4.0 x16", 31.5, "PCI-SIG, PCI Express Base Specification Revision 4.0 (16 GT/s)"),
+    Link("PCIe 5.0 x16", 63.0, "PCI-SIG, PCI Express Base Specification Revision 5.0 (32 GT/s)"),
+    Link("NVLink 2 (V100)", 150, "NVIDIA Tesla V100 GPU Accelerator datasheet (NVLink 300 GB/s total)"),
+    Link("NVLink 3 (A100)", 300, "NVIDIA A100 Tensor Core GPU datasheet (NVLink 600 GB/s total)"),
+    Link("NVLink 4 (H100)", 450, "NVIDIA H100 Tensor Core GPU datasheet (NVLink 900 GB/s total)"),
+    Link("NVSwitch (DGX H100)", 450, "NVIDIA DGX H100 datasheet / NVLink and NVSwitch product page "
+                                     "(900 GB/s GPU-to-GPU, any pair)"),
+]}
+
+
+def measure_bandwidth(src: str | torch.device, dst: str | torch.device, nbytes: int = 2**26,
+                      pinned: bool = False, repeats: int = 5) -> float:
+    """Median bytes/s of copying an `nbytes` buffer from `src` to `dst` on this machine.
+
+    Host->device, device->host and device->device on CUDA, synchronising before and after each
+    copy; `pinned` puts the host side in page-locked memory (what `non_blocking` copies need).
+    On a CPU-only machine src and dst are both "cpu" and this measures a memory-to-memory copy
+    in RAM, not a link: it says how fast a stand-in "transfer" is, nothing about PCIe.
+
+    Example:
+        gbs = mplib.hardware.measure_bandwidth("cpu", "cuda:0", pinned=True) / 1e9
+        print(f"{gbs:.1f} GB/s host to device")
+    """
+    src_dev, dst_dev = mplib.env.check_device(src), mplib.env.check_device(dst)
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"nbytes must be a positive int (bytes per copy), got {nbytes!r}; try 2**26 (64 MiB)")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int (the median of that many copies), got {repeats!r}")
+    pin = pinned and torch.cuda.is_available()  # pinning needs CUDA; on CPU it changes nothing
+    source = _buffer(nbytes, src_dev, pin).fill_(1)
+    target = _buffer(nbytes, dst_dev, pin)
+    devices = [d for d in (src_dev, dst_dev) if d.type == "cuda"]
+    target.copy_(source, non_blocking=pin)  # warm-up: first touch of pages, CUDA context, kernels
+    _sync(devices)
+    times = []
+    for _ in range(repeats):
+        _sync(devices)
+        start = time.perf_counter()
+        target.copy_(source, non_blocking=pin)
+        _sync(devices)  # a non-blocking copy is only done once the device says so
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def fit_table(estimates: Mapping[str, object], gpus: Sequence[GPU] | None = None) -> str:
+    """A text table: each estimate's total GiB and, per GPU, how many of its memory it fills.
+
+    A cell reads "ok" when the total fits one GPU, else "xN" (N GPUs' worth of memory at least).
+
+    Example:
+        print(fit_table({"GPT-2 XL": mplib.memory.estimate(GPT2_XL, 8, 1024)}))
+    """
+    gpus = list(GPUS.values()) if gpus is None else list(gpus)
+    name_w = max([len(n) for n in estimates] + [5])
+    head = f"{'model':<{name_w}} {'total GiB':>10} " + " ".join(f"{g.name:>10}" for g in gpus)
+    rows = [head, "-" * len(head)]
+    for name, est in estimates.items():
+        total = est.total  # type: ignore[attr-defined]
+        cells = ["ok" if total <= g.memory_bytes else f"x{-(-total // g.memory_bytes)}" for g in gpus]
+        rows.append(f"{name:<{name_w}} {total / 2**30:>10.1f} " + " ".join(f"{c:>10}" for c in cells))
+    return "\n".join(rows)
+
+
+def _buffer(nbytes: int, device: torch.device, pinned: bool) -> torch.Tensor:
+    pin = pinned and device.type == "cpu"
+    return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+
+
+def _sync(devices: Sequence[torch.device]) -> None:
+    for d in devices:
+        torch.cuda.synchronize(d)

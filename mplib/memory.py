@@ -1,0 +1,300 @@
+"""Memory a model needs to train: parameters, gradients, optimizer states and saved activations.
+
+Everything is counted under `FakeTensorMode`: tensors carry shapes and dtypes but no storage,
+so a GPT-3 175B estimate runs on a laptop without allocating its 2.8 TB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.autograd.graph import saved_tensors_hooks
+
+import mplib.layers
+
+_OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}  # state tensors per parameter
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class BlockMemory:
+    """Bytes one block holds: its own parameters and the activations it saves for backward."""
+
+    name: str
+    params: int
+    activations: int
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes needed for one training step. `optimizer` includes fp32 master weights under mixed precision.
+
+    Example:
+        est = mplib.memory.estimate(GPT2_SMALL, batch=8, seq=1024)
+        print(f"{est.total / 2**30:.1f} GiB")
+    """
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    per_block: list[BlockMemory] = field(default_factory=list)
+    num_parameters: int = 0
+    label: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def gib(self) -> dict[str, float]:
+        """Each part and the total in GiB (2**30 bytes), for tables and plots."""
+        parts = {k: getattr(self, k) for k in ("params", "grads", "optimizer", "activations", "total")}
+        return {k: v / 2**30 for k, v in parts.items()}
+
+
+def estimate(model_or_config: Any, batch: int, seq: int, dtype: torch.dtype = torch.float32,
+             optimizer: str | None = "adam", mixed_precision: bool = False, loss: bool = True,
+             inputs: Sequence[Tensor] | None = None) -> MemoryEstimate:
+    """Estimate the memory of one training step without allocating any of it.
+
+    Parameters and gradients take `dtype`; Adam keeps 2 states per parameter, SGD with momentum
+    1, "none" (plain SGD) 0. With `mixed_precision` the parameters and gradients are in `dtype`
+    (e.g. bf16) and the optimizer keeps fp32 master weights and fp32 states (ZeRO's 2+2+12 bytes
+    per parameter). Activations are the bytes autograd saves for backward (and, with `loss`,
+    those of a cross-entropy on the output), counted once per storage, parameters excluded.
+
+    `model_or_config` is an nn.Module (its blocks per `mplib.layers.blocks`), an mplib
+    `GPTConfig`/`BERTConfig`, or an HF `GPT2Config`/`BertConfig`. Configs are built under
+    FakeTensorMode with one layer whose cost is repeated n_layer times (see `_build_fake`).
+    Token models get (batch, seq) ids; other models need `inputs` (real or meta tensors).
+
+    Example:
+        est = mplib.memory.estimate(GPT2Config(), batch=8, seq=1024, optimizer="adam")
+        est.params, est.activations, est.total   # bytes
+    """
+    _check_args(batch, seq, dtype, optimizer, mixed_precision)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    repeat = 1
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        model, repeat = _build_fake(model_or_config, mode, seq)
+    blocks = mplib.layers.blocks(model)
+    param_bytes, counts = _param_bytes(blocks.modules, dtype)
+    acts = _activation_bytes(blocks.modules, mode, batch, seq, dtype, loss, inputs)
+    per_block = [BlockMemory(n, p, a) for n, p, a in zip(blocks.names, param_bytes, acts)]
+    if repeat > 1:  # blocks are [embed, layer, head]: the one layer stands for all n_layer of them
+        layer = per_block[1]
+        per_block = [per_block[0], *[BlockMemory(f"layer.{i}", layer.params, layer.activations)
+                                     for i in range(repeat)], per_block[2]]
+        counts = [counts[0], *[counts[1]] * repeat, counts[2]]
+    n = sum(counts)
+    width = dtype.itemsize
+    states = _OPTIMIZER_STATES[optimizer or "none"]
+    opt = n * 4 * (states + 1) if mixed_precision else n * width * states  # +1: fp32 master weights
+    return MemoryEstimate(params=n * width, grads=n * width, optimizer=opt,
+                          activations=sum(b.activations for b in per_block), per_block=per_block,
+                          num_parameters=n, label=type(model_or_config).__name__)
+
+
+def measure_activations(model: nn.Module | Sequence[nn.Module], *inputs: Tensor, loss: bool = True) -> int:
+    """Bytes autograd really saves running `model` forward on real tensors (the reference).
+
+    Counted exactly as `estimate` counts under FakeTensorMode: once per storage, parameters left out.
+
+    Example:
+        nbytes = mplib.memory.measure_activations(GPT(GPT_TINY), torch.zeros(2, 16, dtype=torch.long))
+        nbytes > 0
+    """
+    mods = mplib.layers.blocks(model).modules
+    with _train_mode(mods):
+        return sum(_run_counting(mods, inputs, loss, _storage_keys(mods)))
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+def _param_bytes(mods: list[nn.Module], dtype: torch.dtype) -> tuple[list[int], list[int]]:
+    """Per block: bytes and count of the parameters it owns (a tied weight counts in its first block)."""
+    seen: set[int] = set()
+    counts = []
+    for mod in mods:
+        new = [p for p in mod.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in new)
+        counts.append(sum(p.numel() for p in new))
+    return [c * dtype.itemsize for c in counts], counts
+
+
+# --- activations ----------------------------------------------------------------------------
+
+def _activation_bytes(mods: list[nn.Module], mode: FakeTensorMode, batch: int, seq: int,
+                      dtype: torch.dtype, loss: bool, inputs: Sequence[Tensor] | None) -> list[int]:
+    """Run the chain under `mode` on fake copies of every parameter, counting saved bytes per block."""
+    fakes: dict[int, Tensor] = {}
+    with _train_mode(mods):
+        for mod in mods:
+            for t in mod.parameters():
+                fakes.setdefault(id(t), _to_fake(t, mode, dtype, t.requires_grad))
+            for t in mod.buffers():
+                fakes.setdefault(id(t), _to_fake(t, mode, dtype, False))
+        fake_inputs = _fake_inputs(mods[0], mode, batch, seq, dtype, inputs)
+        calls = [_functional(mod, fakes) for mod in mods]
+        with mode:
+            return _run_counting(calls, fake_inputs, loss, _storage_keys(fakes.values()))
+
+
+def _run_counting(calls: Sequence[Callable], inputs: Sequence[Tensor], loss: bool,
+                  exclude: set[int]) -> list[int]:
+    """Chain `calls` on `inputs`; per call, bytes of storages first saved for backward during it."""
+    seen = set(exclude)
+    per_call = [0] * len(calls)
+    current = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        key = t.untyped_storage()._cdata  # the StorageImpl: views of one tensor share it
+        if key not in seen:
+            seen.add(key)
+            per_call[current[0]] += t.untyped_storage().nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        x = calls[0](*inputs)
+        for i, call in enumerate(calls[1:], start=1):
+            current[0] = i
+            x = call(x)
+        if loss and isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2:
+            logits = x.flatten(0, -2)  # (B*T, V): an LM loss, or (B, C) for a classifier
+            F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=x.device))
+    return per_call
+
+
+def _storage_keys(tensors_or_mods: Any) -> set[int]:
+    items = list(tensors_or_mods)
+    if items and isinstance(items[0], nn.Module):
+        items = [t for m in items for t in (*m.parameters(), *m.buffers())]
+    return {t.untyped_storage()._cdata for t in items}
+
+
+def _to_fake(t: Tensor, mode: FakeTensorMode, dtype: torch.dtype, requires_grad: bool) -> Tensor:
+    """A fake twin of `t` (no storage) in `dtype` when floating; a fake of `mode` stays as it is."""
+    if not isinstance(t, FakeTensor):
+        t = mode.from_tensor(t.detach(), static_shapes=True)  # shape and dtype only: no copy of the data
+    with mode:
+        t = t.detach()
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t.requires_grad_(requires_grad)
+
+
+def _functional(mod: nn.Module, fakes: dict[int, Tensor]) -> Callable:
+    """`mod` called with its parameters and buffers swapped for their fake twins."""
+    named = {**dict(mod.named_parameters(remove_duplicate=False)), **dict(mod.named_buffers(remove_duplicate=False))}
+    swapped = {name: fakes[id(t)] for name, t in named.items()}
+    return lambda *args: torch.func.functional_call(mod, swapped, args)
+
+
+def _fake_inputs(first: nn.Module, mode: FakeTensorMode, batch: int, seq: int, dtype: torch.dtype,
+                 inputs: Sequence[Tensor] | None) -> list[Tensor]:
+    device = next((p.device for p in first.parameters()), torch.device("cpu"))
+    if inputs is None:
+        if not any(isinstance(m, nn.Embedding) for m in first.modules()):
+            raise TypeError(f"estimate makes token ids (batch, seq) for models that start with an embedding, "
+                            f"but block 0 ({type(first).__name__}) has none; pass the inputs, e.g. "
+                            f"inputs=[torch.empty({batch}, {seq}, 64, device='meta')]")
+        with mode:
+            return [torch.zeros(batch, seq, dtype=torch.long, device=device)]
+    out = []
+    for t in inputs:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"inputs must be tensors (real or on the meta device), got {type(t).__name__}")
+        with mode:
+            fake = torch.empty(t.shape, dtype=t.dtype, device=device)  # only shape and dtype matter
+            out.append(fake.to(dtype) if fake.is_floating_point() else fake)
+    return out
+
+
+@contextlib.contextmanager
+def _train_mode(mods: Sequence[nn.Module]):
+    """Training mode (dropout on: its masks are saved) for the duration, then each module's own mode."""
+    before = [(m, m.training) for mod in mods for m in mod.modules()]
+    for mod in mods:
+        mod.train()
+    try:
+        yield
+    finally:
+        for m, training in before:
+            m.training = training
+
+
+# --- building configs under FakeTensorMode ----------------------------------------------------
+
+def _build_fake(config: Any, mode: FakeTensorMode, seq: int) -> tuple[nn.Module, int]:
+    """Build a one-layer model of `config` with fake parameters; return it and the real layer count.
+
+    Why one layer is enough: the layers of these models are the same module applied to a
+    (B, T, C) tensor of the same shape, so each owns the same parameters and saves the same
+    bytes, and each is the first to save its own input (the layer before returns a residual sum
+    or a layer-norm output without saving it). So embed + one layer + head, with the layer
+    counted n_layer times, is exact; the tests check it against a full real run. This is what
+    makes GPT-3 175B (96 layers, 12288 wide) take a second.
+    """
+    kind, layers_attr, positions = _config_kind(config)
+    if seq > positions:
+        raise ValueError(f"seq {seq} is longer than the model reads ({positions} positions in its config); "
+                         f"use seq <= {positions} or a config with more positions")
+    n_layer = getattr(config, layers_attr)
+    if n_layer < 1:
+        raise ValueError(f"the config has {n_layer} layers; a model needs at least 1 to be estimated")
+    one = dataclasses.replace(config, n_layer=1) if dataclasses.is_dataclass(config) else copy.deepcopy(config)
+    setattr(one, layers_attr, 1)
+    with mode:
+        model = _constructor(kind)(one)
+    return model, n_layer
+
+
+def _config_kind(config: Any) -> tuple[str, str, int]:
+    """(kind, name of the layer-count field, number of positions) of a supported config."""
+    name = type(config).__name__
+    if name == "GPTConfig":
+        return "gpt", "n_layer", config.block_size
+    if name == "BERTConfig":
+        return "bert", "n_layer", config.block_size
+    if name == "GPT2Config":
+        return "hf-gpt2", "n_layer", config.n_positions
+    if name == "BertConfig":
+        return "hf-bert", "num_hidden_layers", config.max_position_embeddings
+    raise TypeError(f"estimate takes an nn.Module or a GPTConfig / BERTConfig (mplib.models) / "
+                    f"GPT2Config / BertConfig (transformers), got {name}; build the model and pass it instead")
+
+
+def _constructor(kind: str) -> Callable[[Any], nn.Module]:
+    if kind == "gpt":
+        from mplib.models.gpt import GPT
+        return GPT
+    if kind == "bert":
+        from mplib.models.bert import BERT
+        return BERT
+    import transformers
+    return transformers.GPT2LMHeadModel if kind == "hf-gpt2" else transformers.BertForMaskedLM
+
+
+def _check_args(batch: int, seq: int, dtype: torch.dtype, optimizer: str | None, mixed_precision: bool) -> None:
+    for name, value in (("batch", batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int (a count of sequences / tokens), got {value!r}")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating dtype the parameters are stored in, one of "
+                         f"{[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
+    if (optimizer or "none") not in _OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZER_STATES)} (sgd means SGD with momentum; "
+                         f"'none' plain SGD), got {optimizer!r}")
+    if mixed_precision and dtype.itemsize != 2:
+        raise ValueError(f"mixed precision keeps parameters in a 16-bit dtype and fp32 master weights, but "
+                         f"dtype is {dtype}; pass dtype=torch.bfloat16 (or float16), or mixed_precision=False")
