@@ -1,0 +1,60 @@
+"""The simulator: exact timelines for equal costs, transfers on link lanes, memory from in-flight counts."""
+
+import pytest
+
+from mplib.schedule import build
+from mplib.simulate import simulate
+
+
+def test_equal_costs_and_free_transfers_give_the_gpipe_formula():
+    for K, M in ((1, 1), (2, 4), (4, 8), (8, 3)):
+        tl = simulate(build("gpipe", K, M), [1.0] * K, [2.0] * K)
+        assert tl.source == "simulated" and len(tl.lanes) == K
+        assert tl.duration == 3.0 * (M + K - 1)
+        assert tl.bubble_fraction() == pytest.approx((K - 1) / (M + K - 1), rel=1e-12)
+
+
+def test_every_action_is_one_event_on_its_device():
+    tl = simulate(build("1f1b", 3, 5), [1.0] * 3, [2.0] * 3)
+    assert len([e for e in tl.events if e.kind == "forward"]) == 15
+    assert {(e.lane, e.microbatch) for e in tl.events if e.kind == "backward"} == {(d, m) for d in range(3) for m in range(5)}
+
+
+def test_transfers_delay_the_next_stage_and_appear_on_link_lanes():
+    tl = simulate(build("gpipe", 2, 2), [1.0, 1.0], [2.0, 2.0], transfer=[0.5])
+    assert tl.lanes[-1] == "link 0->1"
+    copies = [e for e in tl.events if e.kind == "copy"]
+    assert len(copies) == 4  # two activations forward, two gradients back
+    first_f1 = min(e.start for e in tl.events if e.lane == 1 and e.kind == "forward")
+    assert first_f1 == 1.5
+    assert tl.duration == 1 + 0.5 + 2 + 4 + 0.5 + 2  # F0 | copy | F0 F1 on stage 1 | B1 B0 | copy | B0
+    assert tl.bubble_fraction([0, 1]) > simulate(build("gpipe", 2, 2), [1.0] * 2, [2.0] * 2).bubble_fraction()
+
+
+def test_recompute_adds_a_forward_before_each_backward():
+    plain = simulate(build("gpipe", 2, 4), [1.0] * 2, [2.0] * 2)
+    ckpt = simulate(build("gpipe", 2, 4), [1.0] * 2, [2.0] * 2, recompute=True)
+    assert len([e for e in ckpt.events if e.kind == "recompute"]) == 8
+    assert ckpt.duration == plain.duration + 4 + 1  # 4 recomputes on the last stage, one more on stage 0
+
+
+def test_memory_samples_follow_microbatches_in_flight():
+    for name, peak0 in (("gpipe", 8), ("1f1b", 4)):
+        tl = simulate(build(name, 4, 8), [1.0] * 4, [2.0] * 4, bytes_per_microbatch=100)
+        assert tl.peak_memory(0) == 100 * peak0
+        assert [m.bytes for m in tl.memory if m.lane == 0][-1] == 0
+
+
+def test_interleaved_costs_split_over_chunks_and_transfers_wrap_around():
+    s = build("interleaved", 2, 4, virtual=2)
+    tl = simulate(s, [1.0, 1.0], [2.0, 2.0], transfer=[0.1])
+    assert tl.lanes[2:] == ["link 0->1", "link 1->0"]
+    f = [e for e in tl.events if e.kind == "forward"]
+    assert all(e.duration == pytest.approx(0.5) for e in f) and len(f) == 16
+
+
+def test_simulate_rejects_cost_lists_of_the_wrong_length():
+    with pytest.raises(ValueError, match="forward has 3 entries; give one per device \\(2\\)"):
+        simulate(build("gpipe", 2, 2), [1.0] * 3, [1.0] * 2)
+    with pytest.raises(ValueError, match="transfer has 2 entries but the pipeline has 1 cuts"):
+        simulate(build("gpipe", 2, 2), [1.0] * 2, [1.0] * 2, transfer=[1.0, 1.0])
