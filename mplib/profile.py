@@ -1,0 +1,240 @@
+"""Per-block costs: forward/backward seconds, parameter, optimizer, activation and boundary bytes.
+
+`blocks` measures them by running each block; `analytic` counts FLOPs instead (no compute,
+under FakeTensorMode) for models too large to run; `BlockCosts(...)` takes your own numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from mplib.layers import blocks as to_blocks
+
+# Optimizer state per parameter byte: Adam/AdamW keep two moments, SGD with momentum one.
+OPTIMIZER_STATE = {"adam": 2, "adamw": 2, "sgd": 1, "sgd-nomomentum": 0, None: 0}
+
+
+@dataclass
+class BlockCosts:
+    """What each block costs; the input of every `mplib.partition` balancer.
+
+    Times are seconds per micro-batch (on the device profiled, speed 1.0); bytes are bytes.
+    `activation_bytes` is what one micro-batch leaves saved for backward inside the block,
+    `boundary_bytes` what its output weighs, i.e. what crosses a cut placed after it.
+    `grad_bytes` defaults to `param_bytes` (one gradient per parameter).
+
+    Example:
+        costs = BlockCosts(forward=[1e-3, 2e-3], backward=[2e-3, 4e-3])
+        mplib.partition.optimal(costs, devices=2, chunks=4)
+    """
+
+    forward: list[float]
+    backward: list[float]
+    param_bytes: list[int] | None = None
+    optimizer_bytes: list[int] | None = None
+    activation_bytes: list[int] | None = None
+    boundary_bytes: list[int] | None = None
+    names: list[str] | None = None
+    grad_bytes: list[int] | None = None
+    source: str = "given"  # "measured", "analytic" or "given"
+    device: str = "cpu"
+    flops: list[float] = field(default_factory=list)  # forward + backward FLOPs, when counted
+
+    def __post_init__(self) -> None:
+        n = len(self.forward)
+        if n == 0:
+            raise ValueError("BlockCosts needs at least one block; forward=[] was given")
+        self.forward = _checked("forward", self.forward, n, float)
+        self.backward = _checked("backward", self.backward, n, float)
+        for name in ("param_bytes", "optimizer_bytes", "activation_bytes", "boundary_bytes"):
+            setattr(self, name, _checked(name, getattr(self, name) or [0] * n, n, int))
+        self.grad_bytes = _checked("grad_bytes", self.grad_bytes or self.param_bytes, n, int)
+        self.names = [str(x) for x in self.names] if self.names is not None else [str(i) for i in range(n)]
+        if len(self.names) != n:
+            raise ValueError(f"names has {len(self.names)} entries but forward has {n} blocks; "
+                             "give one name per block")
+
+    def __len__(self) -> int:
+        return len(self.forward)
+
+    @property
+    def time(self) -> list[float]:
+        """Forward + backward seconds of each block."""
+        return [f + b for f, b in zip(self.forward, self.backward)]
+
+    @property
+    def state_bytes(self) -> list[int]:
+        """Bytes a block holds whatever the schedule: parameters, gradients, optimizer state."""
+        return [p + g + o for p, g, o in zip(self.param_bytes, self.grad_bytes, self.optimizer_bytes)]
+
+    def __str__(self) -> str:
+        rows = [f"{'block':<10}{'fwd ms':>9}{'bwd ms':>9}{'params MB':>11}{'optim MB':>10}"
+                f"{'activ MB':>10}{'bound MB':>10}"]
+        for i, name in enumerate(self.names):
+            rows.append(f"{name[:9]:<10}{self.forward[i] * 1e3:>9.3f}{self.backward[i] * 1e3:>9.3f}"
+                        f"{self.param_bytes[i] / 2**20:>11.2f}{self.optimizer_bytes[i] / 2**20:>10.2f}"
+                        f"{self.activation_bytes[i] / 2**20:>10.2f}{self.boundary_bytes[i] / 2**20:>10.2f}")
+        return "\n".join(rows)
+
+
+def _checked(name: str, values: Sequence[Any], n: int, kind: type) -> list:
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but forward has {n} blocks; "
+                         "every per-block list must have one entry per block")
+    for i, v in enumerate(values):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v < 0 or math.isinf(v):
+            raise ValueError(f"{name}[{i}] = {v!r}: costs must be finite numbers >= 0; "
+                             "measure again or pass 0 for a block that costs nothing")
+    return [kind(v) for v in values]
+
+
+def blocks(model: Any, sample_input: Any, device: torch.device | str = "cpu", repeats: int = 5,
+           optimizer: str | None = "adam") -> BlockCosts:
+    """Measure each block: run it on `device`, fed by the previous block's output.
+
+    `sample_input` is one micro-batch for block 0 (a tensor, or a tuple of its positional
+    inputs). Times are medians over `repeats` runs after one warm-up; activation bytes are the
+    tensors autograd saves for backward (saved_tensors_hooks), counted once per storage and
+    without the block's own parameters. The blocks are moved to `device`; their `.grad`s are
+    left as they were.
+
+    Example:
+        costs = mplib.profile.blocks(model, torch.randint(0, 512, (4, 64)))
+        print(costs)
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if optimizer not in OPTIMIZER_STATE:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZER_STATE)}")
+    dev = torch.device(device)
+    chain = to_blocks(model)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    params = {id(p): p for m in chain.modules for p in m.parameters()}
+    saved_grads = {k: p.grad for k, p in params.items()}
+    cols: dict[str, list] = {k: [] for k in ("forward", "backward", "activation_bytes", "boundary_bytes")}
+    x = _as_args(sample_input)
+    try:
+        for mod in chain.modules:
+            mod.to(dev)
+            x = tree_map(lambda t: _leaf(t.to(dev)) if isinstance(t, Tensor) else t, x)
+            out, fwd, bwd, act = _measure(mod, x, repeats, sync)
+            for k, v in zip(cols, (fwd, bwd, act, _storage_bytes(tree_flatten(out)[0]))):
+                cols[k].append(v)
+            x = (tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out),)
+    finally:
+        for k, p in params.items():
+            p.grad = saved_grads[k]
+    pbytes = [_param_bytes(m) for m in chain.modules]
+    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[OPTIMIZER_STATE[optimizer] * b for b in pbytes],
+                      names=chain.names, source="measured", device=str(dev))
+
+
+def _as_args(sample_input: Any) -> tuple:
+    return tuple(sample_input) if isinstance(sample_input, (tuple, list)) else (sample_input,)
+
+
+def _leaf(t: Tensor) -> Tensor:
+    """A fresh graph input: floating tensors require grad so backward reaches the block's input."""
+    t = t.detach()
+    return t.requires_grad_(True) if t.is_floating_point() else t
+
+
+def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]):
+    """(output, forward s, backward s, saved activation bytes) of one block: medians after a warm-up."""
+    own = [*mod.parameters(), *mod.buffers()]
+    fwd, bwd, act = [], [], 0
+    for r in range(repeats + 1):
+        saved: list[Tensor] = []
+        sync()
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = mod(*args)
+        sync()
+        t1 = time.perf_counter()
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+        if outs:
+            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        sync()
+        t2 = time.perf_counter()
+        if r > 0:  # run 0 warms up caches and allocators
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+            act = _storage_bytes(saved, exclude=own)
+        del saved
+    return out, statistics.median(fwd), statistics.median(bwd), act
+
+
+def _storage_bytes(tensors: Sequence[Any], exclude: Sequence[Tensor] = ()) -> int:
+    """Bytes of the storages behind `tensors`, each storage once, skipping those of `exclude`.
+
+    Storages are told apart by their C++ object, which works for real and fake tensors alike
+    (a view shares its base's storage, so a transposed weight is recognised as the weight).
+    """
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen = {}
+    for t in tensors:
+        if isinstance(t, Tensor) and t.untyped_storage()._cdata not in skip:
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _param_bytes(mod: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in mod.parameters())
+
+
+def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: str | None = "adam",
+             dtype: torch.dtype | None = None) -> BlockCosts:
+    """Costs from counted FLOPs, computing nothing: seconds = FLOPs / `flops_per_second`.
+
+    Runs each block's forward and backward under FakeTensorMode (shapes only, no memory) with
+    `torch.utils.flop_counter.FlopCounterMode`, so it works for models too large to run here.
+    Bytes come from shapes of a float32 model; `dtype` rescales them (e.g. torch.bfloat16 halves).
+
+    Example:
+        costs = mplib.profile.analytic(model, torch.zeros(8, 1024, dtype=torch.long), 300e12)
+        mplib.partition.optimal(costs, devices=4, chunks=8)
+    """
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not flops_per_second > 0:
+        raise ValueError(f"flops_per_second must be > 0 (e.g. 312e12 for an A100 in bf16), got {flops_per_second}")
+    if optimizer not in OPTIMIZER_STATE:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZER_STATE)}")
+    chain = to_blocks(model)
+    params = {id(p): p for m in chain.modules for p in m.parameters()}
+    saved_grads = {k: p.grad for k, p in params.items()}
+    scale = torch.empty((), dtype=dtype).element_size() / 4 if dtype else 1  # bytes relative to float32
+    cols: dict[str, list] = {k: [] for k in ("forward", "backward", "activation_bytes", "boundary_bytes", "flops")}
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = tree_map(lambda t: _leaf(mode.from_tensor(t)) if isinstance(t, Tensor) else t, _as_args(sample_input))
+        for mod in chain.modules:
+            saved: list[Tensor] = []
+            own = [mode.from_tensor(p) if not isinstance(p, FakeTensor) else p for p in mod.parameters()]
+            with FlopCounterMode(display=False) as fc_f, \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                out = mod(*x)
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+            with FlopCounterMode(display=False) as fc_b:
+                if outs:
+                    torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+            f, b = fc_f.get_total_flops(), fc_b.get_total_flops()
+            acts, bound = _storage_bytes(saved, exclude=own) * scale, _storage_bytes(tree_flatten(out)[0]) * scale
+            for k, v in zip(cols, (f / flops_per_second, b / flops_per_second, int(acts), int(bound),
+                                   float(f + b))):
+                cols[k].append(v)
+            x = (tree_map(lambda t: _leaf(t) if isinstance(t, Tensor) else t, out),)
+    for k, p in params.items():
+        p.grad = saved_grads[k]  # fake gradients must not outlive the fake mode
+    pbytes = [int(_param_bytes(m) * scale) for m in chain.modules]
+    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[OPTIMIZER_STATE[optimizer] * b for b in pbytes],
+                      names=chain.names, source="analytic", device=f"{flops_per_second:.3g} FLOP/s")
