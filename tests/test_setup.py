@@ -62,3 +62,11 @@ def test_make_lab_serves_the_notebooks():
     names = check_lab.served_notebooks()
     assert "00_setup.ipynb" in names
     assert names == sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_readme_ten_line_example_runs_and_checks_itself(capsys):
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## mplib in ten lines\n\n```python\n(.*?)```", text, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 10
+    exec(compile(code, "README.md", "exec"), {})
+    assert "stage" in capsys.readouterr().out  # the plan was printed
