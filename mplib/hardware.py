@@ -69,8 +69,10 @@ LINKS: dict[str, Link] = {k.name: k for k in [
     Link("NVLink 2 (V100)", 150, "NVIDIA Tesla V100 GPU Accelerator datasheet (NVLink 300 GB/s total)"),
     Link("NVLink 3 (A100)", 300, "NVIDIA A100 Tensor Core GPU datasheet (NVLink 600 GB/s total)"),
     Link("NVLink 4 (H100)", 450, "NVIDIA H100 Tensor Core GPU datasheet (NVLink 900 GB/s total)"),
+    Link("NVSwitch (DGX-2, V100)", 150, "NVIDIA DGX-2 datasheet (NVSwitch gen 1: 300 GB/s per GPU, any pair)"),
+    Link("NVSwitch (DGX A100)", 300, "NVIDIA DGX A100 datasheet (NVSwitch gen 2: 600 GB/s per GPU, any pair)"),
     Link("NVSwitch (DGX H100)", 450, "NVIDIA DGX H100 datasheet / NVLink and NVSwitch product page "
-                                     "(900 GB/s GPU-to-GPU, any pair)"),
+                                     "(NVSwitch gen 3: 900 GB/s per GPU, any pair)"),
 ]}
 
 

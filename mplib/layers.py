@@ -40,8 +40,8 @@ class Blocks:
 def blocks(model: Any) -> Blocks:
     """Split `model` into its ordered blocks.
 
-    Accepts an `nn.Sequential`, a list of modules, an object with a `.blocks()` method (every
-    mplib model), a `Blocks`, and HF `GPT2LMHeadModel` / `BertForMaskedLM` (wrapped in small
+    Accepts an `nn.Sequential` or `nn.ModuleList`, a list of modules, an object with a `.blocks()`
+    method (every mplib model), a `Blocks`, and HF `GPT2LMHeadModel` / `BertForMaskedLM` (wrapped in small
     adapters: embeddings, one block per layer, head; attention masks travel with the hidden
     states). The blocks hold the model's own modules: nothing is copied.
 
@@ -52,7 +52,7 @@ def blocks(model: Any) -> Blocks:
     if isinstance(model, Blocks):
         return model
     source: nn.Module | None = model if isinstance(model, nn.Module) else None
-    if isinstance(model, nn.Sequential):
+    if isinstance(model, (nn.Sequential, nn.ModuleList)):
         mods, names = list(model), [name for name, _ in model.named_children()]
     elif isinstance(model, (list, tuple)) and model and all(isinstance(m, nn.Module) for m in model):
         mods = list(model)
@@ -66,8 +66,8 @@ def blocks(model: Any) -> Blocks:
     else:
         raise TypeError(
             f"mplib.layers.blocks does not know how to cut a {type(model).__qualname__} into blocks; "
-            "it takes an nn.Sequential, a non-empty list of nn.Modules, an object with a .blocks() method "
-            "(mplib models), or HF GPT2LMHeadModel / BertForMaskedLM. Pass your model as a list of "
+            "it takes an nn.Sequential / nn.ModuleList, a non-empty list of nn.Modules, an object with a "
+            ".blocks() method (mplib models), or HF GPT2LMHeadModel / BertForMaskedLM. Pass your model as a list of "
             "modules whose chain equals its forward: blocks([embed, *layers, head])")
     if not mods:
         raise ValueError(f"{type(model).__qualname__} has no blocks; a model needs at least one to be split")

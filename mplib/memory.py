@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
 
 import mplib.layers
+from mplib.transfer import map_tensors
 
 _OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}  # state tensors per parameter
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -105,10 +106,43 @@ def estimate(model_or_config: Any, batch: int, seq: int, dtype: torch.dtype = to
                           num_parameters=n, label=type(model_or_config).__name__)
 
 
-def measure_activations(model: nn.Module | Sequence[nn.Module], *inputs: Tensor, loss: bool = True) -> int:
-    """Bytes autograd really saves running `model` forward on real tensors (the reference).
+def measure(model: nn.Module, *inputs: Tensor, optimizer: str | None = "adam", loss: bool = True) -> MemoryEstimate:
+    """Bytes one real training step holds, counted on real tensors: the reference for `estimate`.
 
-    Counted exactly as `estimate` counts under FakeTensorMode: once per storage, parameters left out.
+    Runs forward (saved activations counted with `saved_tensors_hooks`, once per storage, as
+    `estimate` counts them), backward and one optimizer step on a deep copy of `model`, then
+    counts the bytes of the parameters, their `.grad`s and the optimizer's state tensors.
+    `optimizer` as in `estimate` ("sgd": SGD with momentum). Works on any device.
+
+    Example:
+        real = mplib.memory.measure(GPT(GPT_TINY), torch.zeros(2, 16, dtype=torch.long))
+        real.total / estimate(GPT_TINY, batch=2, seq=16).total   # about 1.0
+    """
+    if (optimizer or "none") not in _OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZER_STATES)}, got {optimizer!r}")
+    parts = mplib.layers.blocks(copy.deepcopy(model))
+    params = list({id(p): p for m in parts.modules for p in m.parameters()}.values())  # tied weights once
+    with _train_mode(parts.modules):
+        acts, out = _run_counting(parts.modules, inputs, loss, _storage_keys(parts.modules))
+    if not isinstance(out, Tensor):
+        raise ValueError("the model's output has no tensor that requires grad; measure needs a trainable model")
+    out.backward()
+    opt_bytes = 0
+    if (optimizer or "none") != "none":
+        opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(
+            optimizer, lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9))(params)
+        opt.step()  # states are created on the first step
+        opt_bytes = sum(t.nbytes for st in opt.state.values() for t in st.values() if isinstance(t, Tensor))
+    param_bytes, _ = _param_bytes(parts.modules, None)
+    return MemoryEstimate(params=sum(p.nbytes for p in params),
+                          grads=sum(p.grad.nbytes for p in params if p.grad is not None), optimizer=opt_bytes,
+                          activations=sum(acts), num_parameters=sum(p.numel() for p in params),
+                          per_block=[BlockMemory(*row) for row in zip(parts.names, param_bytes, acts)],
+                          label=type(model).__name__)
+
+
+def measure_activations(model: nn.Module | Sequence[nn.Module], *inputs: Tensor, loss: bool = True) -> int:
+    """Bytes autograd really saves running `model` forward on real tensors (`measure`'s activations).
 
     Example:
         nbytes = mplib.memory.measure_activations(GPT(GPT_TINY), torch.zeros(2, 16, dtype=torch.long))
@@ -116,20 +150,22 @@ def measure_activations(model: nn.Module | Sequence[nn.Module], *inputs: Tensor,
     """
     mods = mplib.layers.blocks(model).modules
     with _train_mode(mods):
-        return sum(_run_counting(mods, inputs, loss, _storage_keys(mods)))
+        return sum(_run_counting(mods, inputs, loss, _storage_keys(mods))[0])
 
 
 # --- parameters -----------------------------------------------------------------------------
 
-def _param_bytes(mods: list[nn.Module], dtype: torch.dtype) -> tuple[list[int], list[int]]:
-    """Per block: bytes and count of the parameters it owns (a tied weight counts in its first block)."""
+def _param_bytes(mods: list[nn.Module], dtype: torch.dtype | None) -> tuple[list[int], list[int]]:
+    """Per block: bytes (in `dtype`, or their own) and count of the parameters it owns (a tied weight
+    counts in its first block)."""
     seen: set[int] = set()
-    counts = []
+    counts, nbytes = [], []
     for mod in mods:
         new = [p for p in mod.parameters() if id(p) not in seen]
         seen.update(id(p) for p in new)
         counts.append(sum(p.numel() for p in new))
-    return [c * dtype.itemsize for c in counts], counts
+        nbytes.append(sum(p.numel() * (dtype or p.dtype).itemsize for p in new))
+    return nbytes, counts
 
 
 # --- activations ----------------------------------------------------------------------------
@@ -147,12 +183,15 @@ def _activation_bytes(mods: list[nn.Module], mode: FakeTensorMode, batch: int, s
         fake_inputs = _fake_inputs(mods[0], mode, batch, seq, dtype, inputs)
         calls = [_functional(mod, fakes) for mod in mods]
         with mode:
-            return _run_counting(calls, fake_inputs, loss, _storage_keys(fakes.values()))
+            return _run_counting(calls, fake_inputs, loss, _storage_keys(fakes.values()))[0]
 
 
 def _run_counting(calls: Sequence[Callable], inputs: Sequence[Tensor], loss: bool,
-                  exclude: set[int]) -> list[int]:
-    """Chain `calls` on `inputs`; per call, bytes of storages first saved for backward during it."""
+                  exclude: set[int]) -> tuple[list[int], Tensor]:
+    """Chain `calls` on `inputs`; per call, bytes of storages first saved for backward during it.
+
+    Also returns the scalar to call backward on: the loss, or the output's sum (which saves nothing).
+    """
     seen = set(exclude)
     per_call = [0] * len(calls)
     current = [0]
@@ -171,8 +210,15 @@ def _run_counting(calls: Sequence[Callable], inputs: Sequence[Tensor], loss: boo
             x = call(x)
         if loss and isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2:
             logits = x.flatten(0, -2)  # (B*T, V): an LM loss, or (B, C) for a classifier
-            F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=x.device))
-    return per_call
+            return per_call, F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long,
+                                                                 device=x.device))
+    return per_call, sum(t.float().sum() for t in _tensors(x) if t.requires_grad)
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    map_tensors(x, lambda t: found.append(t) or t)
+    return found
 
 
 def _storage_keys(tensors_or_mods: Any) -> set[int]:
@@ -242,7 +288,8 @@ def _build_fake(config: Any, mode: FakeTensorMode, seq: int) -> tuple[nn.Module,
     (B, T, C) tensor of the same shape, so each owns the same parameters and saves the same
     bytes, and each is the first to save its own input (the layer before returns a residual sum
     or a layer-norm output without saving it). So embed + one layer + head, with the layer
-    counted n_layer times, is exact; the tests check it against a full real run. This is what
+    counted n_layer times, is exact up to what every layer reads but block 0 made (a padding mask
+    of B*T numbers, counted once per layer); the tests check it against a real run. This is what
     makes GPT-3 175B (96 layers, 12288 wide) take a second.
     """
     kind, layers_attr, positions = _config_kind(config)

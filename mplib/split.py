@@ -101,7 +101,7 @@ class SplitModel(nn.Module):
             Stage([m for b, m in enumerate(parts.modules) if stage_of[b] == i], dev, i)
             for i, dev in enumerate(self.devices))
         borrowed = self._share_tied(parts, stage_of)
-        self._keys = _key_map(source_state, super().state_dict(keep_vars=True))
+        self._keys, self._aliases = _key_map(source_state, super().state_dict(keep_vars=True))
         self.plan = SplitPlan(self.devices, self.balance,
                               [[name for b, name in enumerate(parts.names) if stage_of[b] == i]
                                for i in range(len(self.stages))],
@@ -149,10 +149,20 @@ class SplitModel(nn.Module):
             tl = self.last_timeline = Timeline(lanes=self.lanes())
         if tl is not None:
             return self._forward_recorded(tl, args, kwargs)
-        x = self.stages[0](*to_device(args, self.devices[0]), **to_device(kwargs, self.devices[0]))
+        x = self.stages[0](*args, **kwargs)  # a stage moves its inputs to its device
         for stage in self.stages[1:]:
-            x = stage(to_device(x, stage.device, self.non_blocking))
+            x = stage(self._send(x, stage.index))
         return x
+
+    def _send(self, x: Any, i: int) -> Any:
+        """Stage i-1's output on stage i's device; a value that cannot cross the cut is a TypeError."""
+        last = self.plan.blocks[i - 1][-1]
+        try:
+            return to_device(x, self.devices[i], self.non_blocking, path=f"the output of stage {i - 1}")
+        except TypeError as e:
+            raise TypeError(f"the cut between stage {i - 1} (ending with block '{last}') and stage {i} can only "
+                            f"pass tensors and tuples/lists/dicts/dataclasses of them: {e}. Make block '{last}' "
+                            "return tensors, or move the cut with balance=[...]") from None
 
     def _forward_recorded(self, tl: Timeline, args: tuple, kwargs: dict) -> Any:
         sync = torch.cuda.synchronize if any(d.type == "cuda" for d in self.devices) else None
@@ -161,7 +171,7 @@ class SplitModel(nn.Module):
             clock = _BackwardClock(tl, i, sync)
             if i > 0:
                 with tl.record(i, "copy", sync=sync, stage=i, microbatch=0, label=f"copy {i - 1}->{i}"):
-                    x = to_device(x, stage.device, self.non_blocking)
+                    x = self._send(x, i)
                 x = clock.mark(x, clock.finish)
             if not clock.marked_input:
                 clock.finish_with_backward = True
@@ -185,6 +195,8 @@ class SplitModel(nn.Module):
 
 # state_dict speaks the unsplit model's keys, also when a SplitModel sits inside another module.
 def _state_dict_to_unsplit_keys(module: SplitModel, state: dict, prefix: str, local_metadata: Any) -> None:
+    for alias in module._aliases:  # a second name of a tensor within one stage (HF BERT's decoder.bias)
+        state.pop(prefix + alias, None)
     own = {k: state.pop(prefix + k) for k in dict.fromkeys(module._keys.values()) if prefix + k in state}
     for key, own_key in module._keys.items():
         if own_key in own:
@@ -196,17 +208,25 @@ def _load_from_unsplit_keys(module: SplitModel, state: dict, prefix: str, *args:
         if prefix + key in state:
             value = state.pop(prefix + key)
             state.setdefault(prefix + own_key, value)  # a tied weight: the first of its keys wins
+    for alias, own_key in module._aliases.items():  # so that a strict load finds every own key
+        if prefix + own_key in state:
+            state[prefix + alias] = state[prefix + own_key]
 
 
-def _key_map(source_state: Mapping[str, Tensor], own_state: Mapping[str, Tensor]) -> dict[str, str]:
-    """Unsplit key -> own key, matched by tensor identity; tied keys map to the one owner key."""
-    own_by_id = {}
+def _key_map(source_state: Mapping[str, Tensor],
+             own_state: Mapping[str, Tensor]) -> tuple[dict[str, str], dict[str, str]]:
+    """Unsplit key -> own key, matched by tensor identity (tied keys map to the one owner key);
+    and own aliases: a later own key of a tensor -> its first own key."""
+    own_by_id: dict[int, str] = {}
+    aliases = {}
     for key, t in own_state.items():
-        own_by_id.setdefault(id(t), key)
+        first = own_by_id.setdefault(id(t), key)
+        if first != key:
+            aliases[key] = first
     keys = {key: own_by_id[id(t)] for key, t in source_state.items() if id(t) in own_by_id}
-    covered = set(keys.values())
-    keys.update({k: k for k in own_state if k not in covered})  # tensors the source did not name
-    return keys
+    named = {id(t) for t in source_state.values()}
+    keys.update({k: k for k, t in own_state.items() if id(t) not in named and k not in aliases})  # unnamed
+    return keys, aliases
 
 
 class _BackwardClock:

@@ -14,21 +14,21 @@ Device = torch.device | str
 _PLAIN = (type(None), bool, int, float, str)
 
 
-def to_device(obj: Any, device: Device, non_blocking: bool = False) -> Any:
+def to_device(obj: Any, device: Device, non_blocking: bool = False, *, path: str = "obj") -> Any:
     """Return `obj` with every tensor inside it on `device`; gradients flow back to the source.
 
     Walks tuples (named ones too), lists, dicts, dataclasses and HF `ModelOutput`s. None,
-    bools, ints, floats and strings pass through; any other leaf is a TypeError naming its
-    path. A tensor already on `device` is returned as is (no copy, same autograd node). With
-    `non_blocking=True` and a CUDA target, CPU tensors go through pinned memory and the copy
-    runs on a side stream that the compute stream waits for (see `_StreamCopy`).
+    bools, ints, floats and strings pass through; any other leaf is a TypeError naming where
+    it sits, starting from `path`. A tensor already on `device` is returned as is (no copy, same
+    autograd node). With `non_blocking=True` and a CUDA target, CPU tensors go through pinned
+    memory and the copy runs on a side stream that the compute stream waits for (`_StreamCopy`).
 
     Example:
         hidden, mask = to_device((hidden, mask), "cuda:1", non_blocking=True)
         out = to_device(model_output, "cpu")   # a ModelOutput stays a ModelOutput
     """
     dev = torch.device(device)
-    return map_tensors(obj, lambda t: _move(t, dev, non_blocking))
+    return map_tensors(obj, lambda t: _move(t, dev, non_blocking), path)
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor], path: str = "obj") -> Any:
@@ -104,8 +104,9 @@ def _copy_async(src: Tensor, device: torch.device) -> Tensor:
 
     Ordering, with events so no compute stream blocks the host:
       1. the copy stream waits until `src` is ready on its producer's current stream;
-      2. the copy runs there, from pinned memory when `src` is on the CPU (a pageable copy
-         would be synchronous anyway);
+      2. the copy is issued there, from pinned memory when `src` is on the CPU (a pageable copy
+         would be synchronous anyway); a GPU-to-GPU copy PyTorch runs on the source GPU's
+         current stream, itself ordered after and before the copy stream with events;
       3. the destination device's current stream waits for the copy before it reads `out`;
       4. `record_stream` tells the caching allocators that `src` and `out` are used by the copy
          stream, so neither block is reused while the copy is still in flight.

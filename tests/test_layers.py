@@ -98,3 +98,11 @@ def test_hf_bert_reports_word_embeddings_and_decoder_as_tied():
 def test_an_unsupported_model_is_a_type_error_that_says_how_to_pass_blocks():
     with pytest.raises(TypeError, match=r"does not know how to cut a Linear.*GPT2LMHeadModel.*list of modules"):
         blocks(nn.Linear(2, 2))
+
+
+def test_a_module_list_becomes_blocks_that_keep_its_state_dict_keys():
+    mods = nn.ModuleList([nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)])
+    b = blocks(mods)
+    assert b.modules == list(mods) and b.names == ["0", "1", "2"] and b.source is mods
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(b(x), mods[2](mods[1](mods[0](x))))

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 import mplib.plot
-from mplib.memory import MemoryEstimate, estimate, measure_activations
+from mplib.memory import MemoryEstimate, estimate, measure, measure_activations
 from mplib.models.bert import BERT, BERT_TINY
 from mplib.models.gpt import GPT, GPT_TINY, GPTConfig
 
@@ -94,13 +94,44 @@ def test_total_is_the_sum_of_the_parts():
     assert est.activations == sum(b.activations for b in est.per_block)
 
 
-def test_gpt3_175b_parameter_count_matches_the_formula():
+@pytest.mark.parametrize("name", ["ours", "hf"])
+def test_gpt3_175b_config_is_estimated_with_the_exact_parameter_count(name):
     L, d, V, P = 96, 12288, 50257, 2048
-    est = estimate(GPTConfig(vocab_size=V, block_size=P, n_layer=L, n_head=96, n_embd=d), batch=1, seq=2048)
+    config = (GPTConfig(vocab_size=V, block_size=P, n_layer=L, n_head=96, n_embd=d) if name == "ours" else
+              GPT2Config(vocab_size=V, n_positions=P, n_layer=L, n_head=96, n_embd=d))
+    est = estimate(config, batch=1, seq=2048)
     # per layer: attention 4d^2 + 4d, MLP 8d^2 + 5d, two layer norms 4d; embeddings; final norm
     assert est.num_parameters == L * (12 * d * d + 13 * d) + V * d + P * d + 2 * d
     assert est.params == 4 * est.num_parameters
     assert est.activations > 0
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_estimate_total_is_within_5_percent_of_a_measured_adam_step(name):
+    config, ctor = CONFIGS[name]
+    real = measure(ctor(config), torch.randint(0, 512, (2, 16)), optimizer="adam")
+    assert real.activations > 0 and real.grads > 0 and real.optimizer > 0
+    est = estimate(config, batch=2, seq=16, optimizer="adam")
+    assert (est.params, est.grads) == (real.params, real.grads)  # parameters and .grad: exact
+    # Adam's real state also holds one 4-byte step counter per parameter tensor: a few hundred bytes
+    assert 0 <= real.optimizer - est.optimizer <= 4 * len(list(ctor(config).parameters()))
+    assert abs(est.total - real.total) <= 0.05 * real.total
+
+
+def test_measure_counts_sgd_momentum_and_plain_sgd_states():
+    model, ids = GPT(GPT_TINY), torch.zeros(2, 16, dtype=torch.long)
+    n = sum(p.numel() for p in model.parameters())
+    assert measure(model, ids, optimizer="sgd").optimizer == 4 * n  # one momentum buffer per parameter
+    assert measure(model, ids, optimizer="none").optimizer == 0
+
+
+def test_measure_leaves_the_model_untouched():
+    model = GPT(GPT_TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measure(model, torch.zeros(2, 16, dtype=torch.long))
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
 def test_non_token_model_takes_meta_inputs():
@@ -160,3 +191,14 @@ def test_plot_memory_stacks_four_parts_per_model():
     ax2 = mplib.plot.memory_vs_gpus(est)
     assert len(ax2.patches) == 2 * 5  # two models x five catalog GPUs
     plt.close("all")
+
+
+@pytest.mark.cuda
+def test_estimate_on_a_gpu_model_counts_what_the_gpu_kernels_save():
+    model = GPT(GPT_TINY).cuda()
+    ids = torch.zeros(2, 16, dtype=torch.long, device="cuda")
+    real = measure(model, ids)
+    assert real.activations > 0
+    est = estimate(model, batch=2, seq=16)  # fake twins on cuda: the CUDA kernels' saved tensors
+    assert est.activations == real.activations
+    assert abs(est.total - real.total) <= 0.05 * real.total

@@ -239,3 +239,72 @@ def test_a_split_model_inside_another_module_saves_and_loads_prefixed_unsplit_ke
     outer.load_state_dict(plain.state_dict())  # strict: every key found through the load hook
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(outer.state_dict()[key], value, rtol=0, atol=0)
+
+
+class ReturnsAnObject(nn.Module):
+    def forward(self, x):
+        return x, object()  # a value no device can hold
+
+
+def test_a_non_tensor_crossing_a_cut_is_a_type_error_naming_the_cut_and_the_fix():
+    sm = split([nn.Linear(2, 2), ReturnsAnObject(), nn.Identity()], ["cpu", "cpu"], balance=[2, 1])
+    with pytest.raises(TypeError, match=r"cut between stage 0 \(ending with block '1'\) and stage 1.*"
+                                        r"cannot move a object at the output of stage 0\[1\].*balance="):
+        sm(torch.randn(1, 2))
+
+
+def test_mplib_gpt_tied_head_stays_one_parameter_across_stages():
+    model = _mplib_model("gpt", "GPT", "GPT_TINY")
+    n = sum(p.numel() for p in model.parameters())
+    sm = split(model, CPU3)
+    assert sum(p.numel() for p in sm.parameters()) == n
+    state = sm.state_dict(keep_vars=True)
+    assert state["head.lm_head.weight"] is state["embed.wte.weight"]
+    assert "from stage 0" in str(sm.plan)
+
+
+def test_hf_bert_trained_split_saves_with_save_pretrained_and_reloads_equal(tmp_path):
+    sm = split(BertForMaskedLM(BertConfig(**BERT_TINY)), CPU3, balance=[2, 2, 1])
+    ids, mask = ids_and_mask()
+    logits = sm(ids, attention_mask=mask)
+    nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    torch.optim.SGD(sm.parameters(), lr=0.1).step()
+    single = BertForMaskedLM(BertConfig(**BERT_TINY))
+    single.load_state_dict(sm.state_dict())
+    single.save_pretrained(tmp_path)
+    reloaded = BertForMaskedLM.from_pretrained(tmp_path).eval()
+    for key, value in sm.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
+    # the reloaded model computes what the trained split computes (dropout is 0 in BERT_TINY)
+    torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, sm(ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("ctor, config, n_devices", [
+    (GPT2LMHeadModel, GPT2Config(**GPT2_TINY), 1), (GPT2LMHeadModel, GPT2Config(**GPT2_TINY), 3),
+    (BertForMaskedLM, BertConfig(**BERT_TINY), 1), (BertForMaskedLM, BertConfig(**BERT_TINY), 3)])
+def test_state_dict_keys_are_the_unsplit_ones_also_when_tied_tensors_share_a_stage(ctor, config, n_devices):
+    model = ctor(config)
+    keys = list(model.state_dict())
+    sm = split(model, ["cpu"] * n_devices)
+    assert sorted(sm.state_dict()) == sorted(keys)
+    outer = nn.ModuleDict({"net": sm})
+    outer.load_state_dict({f"net.{k}": v for k, v in ctor(config).state_dict().items()})  # strict
+
+
+@pytest.mark.cuda
+def test_split_from_cpu_onto_a_gpu_matches_the_cpu_model_in_outputs_and_grads():
+    model = GPT2LMHeadModel(GPT2Config(**GPT2_TINY))
+    ref = copy.deepcopy(model)
+    sm = split(model, ["cpu", "cuda:0", "cuda:0"])  # a cut from host to GPU: pinned, non_blocking, copy stream
+    ids, mask = ids_and_mask()
+    out, ref_out = sm(ids, attention_mask=mask), ref(ids, attention_mask=mask).logits
+    assert out.device.type == "cuda"
+    # GPU and CPU kernels sum in different orders: fp32 agreement to ~1e-5, not bit for bit
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-4, atol=1e-5)
+    weights = torch.randn_like(ref_out)
+    (out * weights.cuda()).sum().backward()
+    (ref_out * weights).sum().backward()
+    mine = sm.state_dict(keep_vars=True)
+    for name, p in ref.named_parameters():
+        assert mine[name].grad is not None and mine[name].grad.device == mine[name].device, name
+        torch.testing.assert_close(mine[name].grad.cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -64,7 +64,7 @@ def test_map_tensors_applies_a_function_to_every_tensor_only():
 @pytest.mark.cuda
 @pytest.mark.parametrize("pinned", [False, True])
 def test_non_blocking_copy_to_gpu_equals_a_blocking_copy(pinned):
-    x = torch.randn(256, 256)
+    x = torch.randn(4096, 4096)  # 64 MiB: a compute stream that did not wait would read it half-copied
     x = x.pin_memory() if pinned else x
     y = to_device(x, "cuda:0", non_blocking=True)
     y = y * 2  # read on the compute stream right away: it must wait for the copy
@@ -84,3 +84,15 @@ def test_gradient_flows_back_to_the_source_device_through_a_non_blocking_copy():
 def test_gpu_to_cpu_copy_is_readable_at_once():
     x = torch.randn(128, device="cuda:0")
     torch.testing.assert_close(to_device(x, "cpu", non_blocking=True), x.cpu())
+
+
+@pytest.mark.cuda
+def test_a_non_blocking_copy_runs_on_the_copy_stream_and_the_compute_stream_waits_for_it():
+    from mplib.transfer import copy_stream
+
+    x = torch.randn(2048, 2048).pin_memory()
+    side = copy_stream("cuda:0")
+    assert side != torch.cuda.current_stream(0)
+    y = to_device(x, "cuda:0", non_blocking=True)
+    z = y.sum()  # queued on the compute stream, after the event the copy stream records
+    torch.testing.assert_close(z.cpu(), x.sum(), rtol=1e-5, atol=1e-2)  # fp32 sums of 4M numbers, orders differ
