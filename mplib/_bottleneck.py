@@ -7,6 +7,7 @@ partition docstring: the least sum of stage and cut times over splits with every
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Sequence
 
@@ -27,6 +28,9 @@ class _Solver:
         if mem is not None and limits is not None:
             for s in range(self.k):  # smallest start i whose stage [i, j) fits: exact integer search
                 self.mem_lo[s] = np.searchsorted(mem[s], mem[s] - int(limits[s]), side="left")
+        self.mem_lo_all = np.stack(self.mem_lo)
+        unique, self.speed_row = np.unique(self.speeds, return_inverse=True)
+        self.sp_unique = unique[:, None]  # (distinct speeds, 1): broadcasts against (n + 1) ends
         # With identical stages and free cuts the reachable ends form an interval: greedy works.
         self.simple = cut is None and len(set(self.speeds)) == 1 and \
             all((a == b).all() for a, b in zip(self.mem_lo, self.mem_lo[1:]))
@@ -36,10 +40,14 @@ class _Solver:
 
     def lo(self, s: int, bound: float) -> np.ndarray:
         """For every end j, the smallest start i with time(s, i, j) <= bound and fitting memory."""
+        return self.los(bound)[s]
+
+    def los(self, bound: float) -> np.ndarray:
+        """`lo` of every stage at once, (k, n + 1): one vectorised search instead of k."""
         if bound == INF:
-            return self.mem_lo[s]
-        P, j, sp = self.P, self.j, self.speeds[s]
-        lo = np.minimum(np.searchsorted(P, P - bound * sp, side="left"), j)
+            return self.mem_lo_all
+        P, j, sp = self.P, self.j, self.sp_unique  # stages of one speed share their search
+        lo = np.minimum(np.searchsorted(P, (P - bound * sp).ravel(), side="left").reshape(len(sp), -1), j)
         while True:  # make the float test exactly the one `time` uses (rounding may be one off)
             back = (lo > 0) & ((P - P[np.maximum(lo - 1, 0)]) / sp <= bound)
             if not back.any():
@@ -50,12 +58,13 @@ class _Solver:
             if not ahead.any():
                 break
             lo = lo + ahead
-        return np.maximum(lo, self.mem_lo[s])
+        return np.maximum(lo[self.speed_row], self.mem_lo_all)
 
-    def _cut_cost(self, s: int, bound: float) -> np.ndarray:
-        c = np.zeros(self.n + 1) if self.cut is None else self.cut[s]
+    def _cut_costs(self, bound: float) -> np.ndarray:
+        """(k - 1, n + 1) seconds of each cut position, inf where the cut exceeds `bound` or cannot sit."""
+        c = np.zeros((max(self.k - 1, 0), self.n + 1)) if self.cut is None else self.cut
         c = np.where(c <= bound, c, INF)
-        c[self.n] = INF  # a stage that is not the last cannot end after the last block
+        c[:, self.n] = INF  # a stage that is not the last cannot end after the last block
         return c
 
     def feasible(self, bound: float) -> bool:
@@ -63,13 +72,13 @@ class _Solver:
             return self._greedy(bound) is not None
         reach = np.zeros(self.n + 1, dtype=bool)
         reach[0] = True
+        los, cuts = self.los(bound), self._cut_costs(bound)
         for s in range(self.k):
             count = np.concatenate([[0], np.cumsum(reach)])  # count[x]: reachable starts below x
-            lo = self.lo(s, bound)
             ok = np.zeros(self.n + 1, dtype=bool)
-            ok[1:] = count[self.j[1:]] > count[lo[1:]]
+            ok[1:] = count[self.j[1:]] > count[los[s][1:]]
             if s < self.k - 1:
-                ok &= self._cut_cost(s, bound) < INF
+                ok &= cuts[s] < INF
             else:
                 ok[:self.n] = False
             reach = ok
@@ -102,14 +111,14 @@ class _Solver:
         P, n = self.P, self.n
         dp = np.full(n + 1, INF)
         dp[0] = 0.0
-        history = []
+        history, los, cuts = [], self.los(bound), self._cut_costs(bound)
         for s in range(self.k):
-            sp, lo = self.speeds[s], self.lo(s, bound)
+            sp, lo = self.speeds[s], los[s]
             val = dp - P / sp
             new = np.full(n + 1, INF)
             new[1:] = P[1:] / sp + _range_min(val, lo[1:], self.j[:-1])
             if s < self.k - 1:
-                new = new + self._cut_cost(s, bound)
+                new = new + cuts[s]
             else:
                 new[:n] = INF
             history.append((val, lo))
@@ -140,9 +149,9 @@ class _Solver:
 
     def candidates(self, low: float, high: float) -> np.ndarray:
         """Every stage or cut time in (low, high], sorted, each once."""
-        found = []
+        found, his, lows = [], self.los(high), self.los(low)
         for s in range(self.k):
-            a, b = self.lo(s, high), self.lo(s, low)  # starts in [a, b) give times in (low, high]
+            a, b = his[s], lows[s]  # starts in [a, b) give times in (low, high]
             lens = np.maximum(b - a, 0)
             ends = np.repeat(self.j, lens)
             offsets = np.arange(len(ends)) - np.repeat(np.cumsum(lens) - lens, lens)
@@ -169,46 +178,68 @@ class _Solver:
         return hi  # unreachable: hi is feasible and some candidate in (lo, hi] is its bottleneck
 
     def best(self, chunks: int) -> list[int]:
-        """Bounds of a split minimising (chunks - 1) * bottleneck + total."""
+        """Bounds of a split minimising (chunks - 1) * bottleneck + total: best-first branch and bound.
+
+        h(B) = (M-1) B + g(B) over bounds B; g never rises with B, so on (x, y] every h is at least
+        (M-1) x + g(y): an interval whose lower bound cannot beat the best split found is dropped,
+        and one where g(x) == g(y) holds nothing better than x itself. Intervals too narrow to halve
+        are finished exactly on the stage and cut times (candidates) inside them.
+        """
+        lam = chunks - 1
         g_inf, bounds_inf = self.solve(INF)
         if chunks == 1 or (self.simple and self.cut is None):  # sum(t) is the same for every split
             return bounds_inf if chunks == 1 else self.bounds(self.min_bottleneck())
-        b0 = self.min_bottleneck()
-        best_bounds = self.solve(b0)[1]
-        best_step = (chunks - 1) * self.bottleneck(best_bounds) + self.total(best_bounds)
-        cands = self.candidates(b0, (best_step - g_inf) / (chunks - 1))
-        pos, current = 0, self.total(best_bounds)
-        while pos < len(cands) and (chunks - 1) * cands[pos] + g_inf < best_step:
-            lo_i, hi_i = pos, len(cands)  # first candidate where g drops below `current`
-            while lo_i < hi_i:
-                mid = (lo_i + hi_i) // 2
-                lo_i, hi_i = (lo_i, mid) if self.solve(float(cands[mid]))[0] < current else (mid + 1, hi_i)
-            if lo_i == len(cands):
-                break
-            current, bounds = self.solve(float(cands[lo_i]))
-            step = (chunks - 1) * self.bottleneck(bounds) + self.total(bounds)
-            if step < best_step:
-                best_step, best_bounds = step, bounds
-            pos = lo_i + 1
-        return best_bounds
+        found = {"step": lam * self.bottleneck(bounds_inf) + g_inf, "bounds": bounds_inf}
+
+        def g(bound: float) -> float:
+            value, bounds = self.solve(bound)
+            if bounds is not None:
+                step = lam * self.bottleneck(bounds) + self.total(bounds)
+                if step < found["step"]:
+                    found.update(step=step, bounds=bounds)
+            return value
+
+        high = (found["step"] - g_inf) / lam  # a larger bottleneck loses even with the least sum
+        low = self.P[-1] / sum(self.speeds) * (1 - 1e-12)  # no split beats perfect sharing
+        if not low < high:
+            return found["bounds"]
+        g_high = g(high)
+        heap = [(lam * low + g_high, low, g(low) if self.feasible(low) else INF, high, g_high)]
+        while heap:
+            bound, x, gx, y, gy = heapq.heappop(heap)
+            if bound >= found["step"]:
+                break  # every interval left is bounded below by this one
+            if gx == gy:
+                continue
+            if y - x <= 1e-9 * y:
+                for c in self.candidates(x, y):
+                    if gx < INF or self.feasible(float(c)):
+                        g(float(c))
+                continue
+            mid = (x + y) / 2
+            gm = INF if gx == INF and not self.feasible(mid) else g(mid)  # feasibility is the cheaper test
+            heapq.heappush(heap, (lam * x + gm, x, gx, mid, gm))
+            heapq.heappush(heap, (lam * mid + gy, mid, gm, y, gy))
+        return found["bounds"]
 
 
 def _range_min(values: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """min(values[a[q] : b[q] + 1]) for every query q (inf when empty), by a sparse table."""
+    """min(values[a[q] : b[q] + 1]) for every query q (inf when empty), by a sparse table.
+
+    Row r of the table holds the minima of windows of 2**r values; a query reads two windows
+    of the largest such size that together cover it, so every query costs two lookups.
+    """
     n = len(values)
-    table = [values]
-    while 2 ** len(table) <= n:
-        h, prev = 2 ** (len(table) - 1), table[-1]
-        table.append(np.minimum(prev[:-h], prev[h:]))
     length = b - a + 1
-    out = np.full(len(a), INF)
     ok = length > 0
-    a, b, length = a[ok], b[ok], length[ok]
-    level = np.floor(np.log2(length)).astype(int)
-    res = np.empty(len(a))
-    for lv in np.unique(level):
-        m = level == lv
-        t = table[lv]
-        res[m] = np.minimum(t[a[m]], t[b[m] - 2 ** lv + 1])
-    out[ok] = res
-    return out
+    levels = max(int(length.max(initial=1)).bit_length(), 1)  # the longest query needs no higher row
+    table = np.full((levels, n), INF)
+    table[0] = values
+    for r in range(1, levels):
+        h = 1 << (r - 1)
+        table[r, : n - 2 * h + 1] = np.minimum(table[r - 1, : n - 2 * h + 1], table[r - 1, h: n - h + 1])
+    level = np.frexp(np.where(ok, length, 1))[1] - 1  # floor(log2(length)), exact for ints
+    a0 = np.where(ok, a, 0)
+    res = np.minimum(table[level, a0], table[level, np.where(ok, b, 0) - (1 << level) + 1])
+    return np.where(ok, res, INF)
+

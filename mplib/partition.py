@@ -10,9 +10,13 @@ with M micro-batches (chunks) and in_flight_s = M for GPipe, min(M, K - s) for 1
 
 Where the step formula comes from: a pipeline is a flow line of stations (stages and links);
 the first micro-batch visits all of them once (fill + drain: sum(t) + sum(c)) and each of the
-other M - 1 leaves the line one bottleneck time after the previous one. For GPipe this equals
-the simulated step time whenever the same station is the slowest in the forward and in the
-backward sweep (e.g. backward = r * forward on every stage); otherwise it is a lower bound.
+other M - 1 leaves the line one bottleneck time after the previous one. Against
+`mplib.simulate.simulate` fed with the plan's forward/backward/transfer (tests/test_partition.py):
+GPipe's simulated step is (M-1)(max forward + max backward) + sum(t) + sum(c), so it equals this
+one when backward is the same multiple of forward on every block and lies above it otherwise;
+1F1B without transfers hides the last micro-batch's work on stages after the bottleneck, so its
+simulated step lies at or below this one (equal when the last stage is the slowest). A link is
+a station here (it carries one activation at a time); the simulator lets copies overlap.
 """
 
 from __future__ import annotations
@@ -188,8 +192,10 @@ def optimal(costs: BlockCosts, devices: int | Sequence[Any], schedule: str = "1f
     with the split. g only drops at values B that are the time of some stage or cut (candidates).
     The best split P* has bottleneck B* (a candidate) and step (M-1) B* + sum(P*) >= (M-1) B* +
     g(B*); the split found for B* has bottleneck <= B* and sum g(B*), so it is optimal too.
-    Hence min over candidates of (M-1) B + g(B) is the optimum; only candidates between the
-    smallest feasible bottleneck and (best step so far - g(inf)) / (M-1) can improve on it.
+    Hence min over candidates of (M-1) B + g(B) is the optimum; only candidates up to
+    (best step so far - g(inf)) / (M-1) can improve on it. A best-first branch and bound over B
+    finds it without visiting every candidate: g never rises, so no B in (x, y] beats
+    (M-1) x + g(y), and none beats x itself where g(x) == g(y) (`mplib._bottleneck`).
 
     Example:
         plan = optimal(costs, devices=["cuda:0", "cuda:1"], chunks=8)
@@ -249,16 +255,17 @@ class _Problem:
         for b in range(self.n):
             need = [int(self.mem[s][b + 1] - self.mem[s][b]) for s in range(self.k)]
             if all(need[s] > self.limits[s] for s in range(self.k)):
-                raise ValueError(f"block {b} ({self.costs.names[b]}) alone needs {min(need):,} bytes, more than "
-                                 f"any device has ({max(self.limits):,}); give a device more memory or cut that "
-                                 "block into smaller ones")
+                raise ValueError(f"block {b} ({self.costs.names[b]}) alone fits no device: it needs "
+                                 f"{_bytes_list(need)} bytes where the devices have {_bytes_list(self.limits)}; "
+                                 "give a device more memory or cut that block into smaller ones")
         low, high = 0, int(self.mem[:, -1].max())  # low does not fit, high does (one stage takes all)
         while high - low > 1:
             mid = (low + high) // 2
             fits = _Solver(self.solver.P, self.speeds, None, self.mem, [mid] * self.k).feasible(math.inf)
             low, high = (low, mid) if fits else (mid, high)
         raise ValueError(f"no split of {self.n} blocks over {self.k} devices fits the memory limits "
-                         f"{self.limits} bytes; the smallest per-device memory that works is {high:,} bytes "
+                         f"{_bytes_list(self.limits)} bytes; the smallest per-device memory that works is "
+                         f"{high:,} bytes "
                          f"({high / 2**20:.1f} MiB) on every device. Give the devices more memory, use more "
                          "devices, or hold fewer micro-batches in flight (schedule='1f1b', fewer chunks)")
 
@@ -273,13 +280,20 @@ class _Problem:
         terms = [(t, f"stage {s}") for s, t in enumerate(times)] + [(2 * t, f"cut {s}") for s, t in enumerate(transfer)]
         worst, where = max(terms, key=lambda x: x[0])
         return Plan(balance=_balance(bounds), devices=self.devices,
-                    step_time=(m - 1) * worst + sum(times) + 2 * sum(transfer),
+                    step_time=float((m - 1) * worst + sum(times) + 2 * sum(transfer)),
                     forward=[sum(c.forward[i:j]) / self.speeds[s] for s, (i, j) in enumerate(spans)],
                     backward=[sum(c.backward[i:j]) / self.speeds[s] for s, (i, j) in enumerate(spans)],
                     transfer=transfer, memory=[int(self.mem[s][j] - self.mem[s][i]) for s, (i, j) in enumerate(spans)],
-                    bottleneck=where, bottleneck_time=worst, schedule=self.schedule, chunks=m, limits=self.limits,
+                    bottleneck=where, bottleneck_time=float(worst), schedule=self.schedule, chunks=m,
+                    limits=self.limits,
                     names=[c.names[i:j] for i, j in spans], cut_bytes=[c.boundary_bytes[j - 1] for _, j in spans[:-1]],
                     costs=c, options=self.options)
+
+
+def _bytes_list(values: Sequence[int]) -> str:
+    """Per-device byte counts for a message: one number when all are equal."""
+    values = list(values)
+    return f"{values[0]:,} (each)" if len(set(values)) == 1 else "[" + ", ".join(f"{v:,}" for v in values) + "]"
 
 
 def _per(value: Any, count: int, what: str, default: Any) -> list:

@@ -201,6 +201,40 @@ def layer_bytes(names, series: dict, ax=None, unit: str = "KiB"):
     return ax
 
 
+
+def embeddings(points, labels, ax=None, title: str | None = None):
+    """2-D PCA scatter of vectors (N, D), one colour per label: do the labels form separate clouds?
+
+    Example:
+        mplib.plot.embeddings(vectors, ["river", "money", ...])   # vectors (N, D), one label each
+        plt.show()
+    """
+    import torch
+
+    x = torch.as_tensor(points, dtype=torch.float32)
+    labels = list(labels)
+    if x.dim() != 2 or x.size(0) != len(labels) or x.size(0) < 2:
+        raise ValueError(f"points must be (N, D) with N >= 2 and one label per row, got shape "
+                         f"{tuple(x.shape)} and {len(labels)} labels")
+    scale = x.abs().max().clamp_min(1.0)
+    x = x - x.mean(0)
+    if x.abs().max() <= 1e-6 * scale:
+        x = torch.zeros_like(x)  # all points equal up to rounding: draw them on one spot, not on noise
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # rows of vh: principal directions
+    xy = x @ vh[:2].T  # (N, 2), or (N, 1) when D = 1
+    if xy.size(1) < 2:
+        xy = torch.cat([xy, torch.zeros_like(xy)], dim=1)
+    ax = _axes(ax, figsize=(5, 4))
+    for label in dict.fromkeys(labels):  # first-seen order keeps colours stable
+        keep = torch.tensor([lab == label for lab in labels])
+        ax.scatter(xy[keep, 0], xy[keep, 1], s=14, alpha=0.7, label=str(label))
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
 # --- memory estimates vs GPU sizes (mplib.memory, mplib.hardware) ------------------------------
 
 _MEMORY_PARTS = ("params", "grads", "optimizer", "activations")
@@ -246,9 +280,10 @@ def memory(estimates, ax=None, gpus=None, logy: bool | None = None):
     by_size: dict[float, list[str]] = {}
     for g in gpus:
         by_size.setdefault(g.memory_gib, []).append(g.name)
-    for size, gnames in sorted(by_size.items()):
+    for k, (size, gnames) in enumerate(sorted(by_size.items())):
         ax.axhline(size, color="black", linestyle="--", linewidth=0.8)
-        ax.text(len(names) - 0.45, size, f" {' / '.join(gnames)} ({size:g} GiB)", va="center", fontsize=7)
+        ax.text(len(names) - 0.45, size, f" {' / '.join(gnames)} ({size:g} GiB)", fontsize=7,
+                va="top" if k % 2 == 0 else "bottom")  # alternate sides: close sizes do not overlap
     ax.set_ylabel("memory for one training step (GiB)")
     ax.set_title("training memory vs one GPU")
     ax.tick_params(axis="x", labelrotation=30)
@@ -279,4 +314,43 @@ def memory_vs_gpus(estimates, ax=None, gpus=None):
     ax.set_ylabel("GPUs needed (memory only)")
     ax.set_title("minimum GPUs to hold one training step")
     ax.legend(fontsize=8)
+    return ax
+
+
+# --- partition plans (mplib.partition) ----------------------------------------------------------
+
+
+def plan(plan, ax=None):
+    """Per-stage time (left axis) and memory (right axis) bars of a Plan; memory limits dashed.
+
+    The bottleneck stage's time bar is hatched; the title gives the predicted step time.
+
+    Example:
+        p = mplib.partition.optimal(costs, devices=4, chunks=8, memory=8 * 2**30)
+        mplib.plot.plan(p); plt.show()
+    """
+    k = len(plan.balance)
+    if k == 0:
+        raise ValueError("this plan has no stages; build one with mplib.partition.optimal(...) or evaluate(...)")
+    ax = _axes(ax, figsize=(max(5, 1.2 * k + 2), 3))
+    times = [t * 1e3 for t in plan.stage_times]
+    xs = range(k)
+    bars = ax.bar([x - 0.2 for x in xs], times, width=0.4, color="tab:blue", label="time per micro-batch")
+    if plan.bottleneck.startswith("stage"):
+        bars[int(plan.bottleneck.split()[1])].set_hatch("//")
+    ax.set_ylabel("forward + backward (ms)")
+    ax.set_xticks(list(xs), [f"stage {s}\n{plan.balance[s]} blocks" for s in xs])
+    mem = ax.twinx()
+    mem.bar([x + 0.2 for x in xs], [m / 2**20 for m in plan.memory], width=0.4, color="tab:orange",
+            label="memory")
+    if plan.limits:
+        for s in xs:
+            mem.hlines(plan.limits[s] / 2**20, s - 0.45, s + 0.45, colors="black", linestyles="--",
+                       label="memory limit" if s == 0 else None)
+    mem.set_ylabel("memory (MiB)")
+    mem.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.15, 1.0))
+    ax.set_title(f"{plan.schedule}, {plan.chunks} micro-batches: step {plan.step_time * 1e3:.1f} ms, "
+                 f"bottleneck {plan.bottleneck}", fontsize=10)
     return ax

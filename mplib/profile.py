@@ -98,35 +98,46 @@ def _checked(name: str, values: Sequence[Any], n: int, kind: type) -> list:
 
 
 def blocks(model: Any, sample_input: Any, device: torch.device | str = "cpu", repeats: int = 5,
-           optimizer: str | None = "adam") -> BlockCosts:
+           optimizer: str | None = "adam", loss_fn: Callable[[Any, Any], Tensor] | None = None,
+           targets: Any = None) -> BlockCosts:
     """Measure each block: run it on `device`, fed by the previous block's output.
 
     `sample_input` is one micro-batch for block 0 (a tensor, or a tuple of its positional
     inputs). Times are medians over `repeats` runs after one warm-up; activation bytes are the
     tensors autograd saves for backward (saved_tensors_hooks), counted once per storage and
     without the block's own parameters. The blocks are moved to `device`; their `.grad`s are
-    left as they were.
+    left as they were. With `loss_fn(output, targets)` the last block is timed with the loss, as
+    the last pipeline stage runs it (a vocabulary-wide loss is a real part of the head's cost).
 
     Example:
-        costs = mplib.profile.blocks(model, torch.randint(0, 512, (4, 64)))
+        costs = mplib.profile.blocks(model, x[:4], loss_fn=mplib.train.lm_loss, targets=y[:4])
         print(costs)
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if optimizer not in OPTIMIZER_STATE:
         raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZER_STATE)}")
+    if (loss_fn is None) != (targets is None):
+        raise ValueError("loss_fn and targets go together: give both (the last block is then timed with "
+                         "its loss) or neither")
     dev = torch.device(device)
     chain = to_blocks(model)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     params = {id(p): p for m in chain.modules for p in m.parameters()}
     saved_grads = {k: p.grad for k, p in params.items()}
+    for p in params.values():
+        p.grad = None  # backward would accumulate into an existing .grad in place
     cols: dict[str, list] = {k: [] for k in ("forward", "backward", "activation_bytes", "boundary_bytes")}
     x = _as_args(sample_input)
     try:
-        for mod in chain.modules:
+        for b, mod in enumerate(chain.modules):
             mod.to(dev)
             x = tree_map(lambda t: _leaf(t.to(dev)) if isinstance(t, Tensor) else t, x)
-            out, fwd, bwd, act = _measure(mod, x, repeats, sync)
+            finish = None
+            if loss_fn is not None and b == len(chain) - 1:
+                tgt = tree_map(lambda t: t.to(dev) if isinstance(t, Tensor) else t, targets)
+                finish = lambda out: loss_fn(out, tgt)  # noqa: E731
+            out, fwd, bwd, act = _measure(mod, x, repeats, sync, finish)
             for k, v in zip(cols, (fwd, bwd, act, _storage_bytes(tree_flatten(out)[0]))):
                 cols[k].append(v)
             x = (tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out),)
@@ -148,8 +159,12 @@ def _leaf(t: Tensor) -> Tensor:
     return t.requires_grad_(True) if t.is_floating_point() else t
 
 
-def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]):
-    """(output, forward s, backward s, saved activation bytes) of one block: medians after a warm-up."""
+def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None],
+             finish: Callable[[Any], Tensor] | None = None):
+    """(output, forward s, backward s, saved activation bytes) of one block: medians after a warm-up.
+
+    `finish` turns the output into a scalar loss inside the timed forward; backward then starts there.
+    """
     own = [*mod.parameters(), *mod.buffers()]
     fwd, bwd, act = [], [], 0
     for r in range(repeats + 1):
@@ -158,10 +173,13 @@ def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = mod(*args)
+            loss = finish(out) if finish is not None else None
         sync()
         t1 = time.perf_counter()
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
-        if outs:
+        if loss is not None:
+            loss.backward()
+        elif outs:
             torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
         sync()
         t2 = time.perf_counter()
@@ -203,7 +221,7 @@ def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: 
         costs = mplib.profile.analytic(model, torch.zeros(8, 1024, dtype=torch.long), 300e12)
         mplib.partition.optimal(costs, devices=4, chunks=8)
     """
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     if not flops_per_second > 0:
@@ -211,30 +229,29 @@ def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: 
     if optimizer not in OPTIMIZER_STATE:
         raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZER_STATE)}")
     chain = to_blocks(model)
-    params = {id(p): p for m in chain.modules for p in m.parameters()}
-    saved_grads = {k: p.grad for k, p in params.items()}
     scale = torch.empty((), dtype=dtype).element_size() / 4 if dtype else 1  # bytes relative to float32
     cols: dict[str, list] = {k: [] for k in ("forward", "backward", "activation_bytes", "boundary_bytes", "flops")}
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = tree_map(lambda t: _leaf(mode.from_tensor(t)) if isinstance(t, Tensor) else t, _as_args(sample_input))
         for mod in chain.modules:
             saved: list[Tensor] = []
-            own = [mode.from_tensor(p) if not isinstance(p, FakeTensor) else p for p in mod.parameters()]
+            # the block runs on fake copies of its parameters: their storages are known (and excluded
+            # from activations), and the fake gradients land on them, never on the real parameters
+            own = {name: _leaf(mode.from_tensor(p)) for name, p in mod.named_parameters()}
             with FlopCounterMode(display=False) as fc_f, \
                     torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                out = mod(*x)
+                out = torch.func.functional_call(mod, own, x)
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
             with FlopCounterMode(display=False) as fc_b:
                 if outs:
                     torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
             f, b = fc_f.get_total_flops(), fc_b.get_total_flops()
-            acts, bound = _storage_bytes(saved, exclude=own) * scale, _storage_bytes(tree_flatten(out)[0]) * scale
+            acts = _storage_bytes(saved, exclude=list(own.values())) * scale
+            bound = _storage_bytes(tree_flatten(out)[0]) * scale
             for k, v in zip(cols, (f / flops_per_second, b / flops_per_second, int(acts), int(bound),
                                    float(f + b))):
                 cols[k].append(v)
             x = (tree_map(lambda t: _leaf(t) if isinstance(t, Tensor) else t, out),)
-    for k, p in params.items():
-        p.grad = saved_grads[k]  # fake gradients must not outlive the fake mode
     pbytes = [int(_param_bytes(m) * scale) for m in chain.modules]
     return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[OPTIMIZER_STATE[optimizer] * b for b in pbytes],
                       names=chain.names, source="analytic", device=f"{flops_per_second:.3g} FLOP/s")

@@ -1,0 +1,103 @@
+"""mplib.profile: measured and counted per-block costs, byte counts exact, bad input refused."""
+
+import pytest
+import torch
+from torch import nn
+
+from mplib.models.gpt import GPT, GPTConfig
+from mplib.profile import OPTIMIZER_STATE, BlockCosts, analytic, blocks
+
+TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def two_linears():
+    return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)), torch.randn(3, 8)
+
+
+def test_tiny_gpt_blocks_have_positive_times_and_their_parameter_bytes():
+    model = GPT(TINY)
+    costs = blocks(model, torch.randint(0, 256, (2, 16)), repeats=2)
+    assert costs.names == ["embed", "h.0", "h.1", "head"] and costs.source == "measured"
+    assert all(t > 0 for t in costs.forward + costs.backward)
+    want = [sum(p.numel() * 4 for p in b.parameters()) for b in model.blocks()]
+    assert costs.param_bytes == want and costs.optimizer_bytes == [2 * b for b in want]  # Adam: two moments
+    assert costs.boundary_bytes[:3] == [2 * 16 * 16 * 4] * 3  # (B, T, C) float32 hidden states
+    assert costs.boundary_bytes[3] == 2 * 16 * 256 * 4  # logits (B, T, vocab)
+
+
+def test_linear_stack_bytes_are_counted_exactly():
+    model, x = two_linears()
+    costs = blocks(model, x, repeats=1, optimizer="sgd")
+    assert costs.param_bytes == [(8 * 16 + 16) * 4, (16 * 4 + 4) * 4]
+    assert costs.optimizer_bytes == costs.param_bytes  # SGD with momentum: one buffer per parameter
+    assert costs.grad_bytes == costs.param_bytes
+    # a Linear saves its input for the weight's gradient (its own weight is not an activation)
+    assert costs.activation_bytes == [3 * 8 * 4, 3 * 16 * 4]
+    assert costs.boundary_bytes == [3 * 16 * 4, 3 * 4 * 4]
+
+
+def test_profiling_leaves_existing_gradients_untouched():
+    model, x = two_linears()
+    model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
+    blocks(model, x, repeats=1)
+    assert model[1].weight.grad is None
+    torch.testing.assert_close(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
+
+
+def test_analytic_costs_count_linear_flops_and_time_them_at_the_given_rate():
+    model, x = two_linears()
+    costs = analytic(model, x, flops_per_second=1e9)
+    # forward 2*B*in*out; backward twice that (input gradient and weight gradient)
+    assert costs.flops == [3 * 2 * 3 * 8 * 16, 3 * 2 * 3 * 16 * 4]
+    assert costs.forward == pytest.approx([2 * 3 * 8 * 16 / 1e9, 2 * 3 * 16 * 4 / 1e9])
+    assert costs.backward == pytest.approx([4 * 3 * 8 * 16 / 1e9, 4 * 3 * 16 * 4 / 1e9])
+    assert costs.source == "analytic" and model[0].weight.grad is None
+
+
+def test_analytic_bytes_equal_measured_bytes_on_a_tiny_gpt_and_halve_in_bfloat16():
+    model, ids = GPT(TINY), torch.randint(0, 256, (2, 16))
+    measured, counted = blocks(model, ids, repeats=1), analytic(model, ids, flops_per_second=1e12)
+    for field in ("param_bytes", "activation_bytes", "boundary_bytes"):
+        assert getattr(counted, field) == getattr(measured, field), field
+    assert counted.flops[1] > 0 and counted.flops[3] > counted.flops[1] / 2  # the head's matmul is big
+    half = analytic(model, ids, flops_per_second=1e12, dtype=torch.bfloat16)
+    assert half.param_bytes == [b // 2 for b in counted.param_bytes]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_given_costs_fill_defaults_and_sum_state():
+    costs = BlockCosts(forward=[1.0, 2.0], backward=[2.0, 4.0], param_bytes=[10, 20], optimizer_bytes=[20, 40])
+    assert costs.time == [3.0, 6.0] and costs.state_bytes == [40, 80] and costs.names == ["0", "1"]
+    assert costs.activation_bytes == [0, 0] and len(costs) == 2
+    assert "fwd ms" in str(costs)
+
+
+def test_bad_profiling_options_are_rejected():
+    model, x = two_linears()
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        blocks(model, x, repeats=0)
+    with pytest.raises(ValueError, match="optimizer 'lion' is not one of"):
+        blocks(model, x, optimizer="lion")
+    with pytest.raises(ValueError, match="flops_per_second must be > 0"):
+        analytic(model, x, flops_per_second=0)
+    with pytest.raises(ValueError, match="needs at least one block"):
+        BlockCosts(forward=[], backward=[])
+    with pytest.raises(ValueError, match="names has 1 entries but forward has 2 blocks"):
+        BlockCosts(forward=[1.0, 1.0], backward=[1.0, 1.0], names=["a"])
+    with pytest.raises(ValueError, match=r"param_bytes\[0\] = -5"):
+        BlockCosts(forward=[1.0], backward=[1.0], param_bytes=[-5])
+    assert set(OPTIMIZER_STATE) >= {"adam", "adamw", "sgd", None}
+
+
+def test_a_loss_makes_the_last_block_cost_more_and_save_the_loss_activations():
+    from mplib.train import lm_loss
+
+    model, ids = GPT(TINY), torch.randint(0, 256, (2, 17))
+    plain = blocks(model, ids[:, :-1], repeats=1)
+    with_loss = blocks(model, ids[:, :-1], repeats=1, loss_fn=lm_loss, targets=ids[:, 1:])
+    assert with_loss.activation_bytes[:-1] == plain.activation_bytes[:-1]
+    # cross entropy saves its log-softmax: one float per logit, (B, T, vocab)
+    assert with_loss.activation_bytes[-1] - plain.activation_bytes[-1] >= 2 * 16 * 256 * 4
+    assert with_loss.boundary_bytes == plain.boundary_bytes
+    with pytest.raises(ValueError, match="loss_fn and targets go together"):
+        blocks(model, ids[:, :-1], loss_fn=lm_loss)
