@@ -34,9 +34,10 @@ class BERTConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
+        if self.n_head < 1 or self.n_embd % self.n_head:
             raise ValueError(f"n_head {self.n_head} must divide n_embd {self.n_embd} (each head gets "
-                             "n_embd / n_head channels); pick a divisor of n_embd")
+                             f"n_embd / n_head channels); pick n_head from "
+                             f"{[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:8]}...")
 
 
 BERT_TINY = BERTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=64, intermediate_size=256,
@@ -203,7 +204,9 @@ class BERT(Encoder):
         c = hf_model.config
         if c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"mplib's BERT uses the exact GELU and absolute positions; this HF model has "
-                             f"hidden_act={c.hidden_act!r}; build it with the defaults")
+                             f"hidden_act={c.hidden_act!r}, position_embedding_type="
+                             f"{getattr(c, 'position_embedding_type', 'absolute')!r}; build it with the defaults "
+                             "('gelu', 'absolute')")
         config = BERTConfig(vocab_size=c.vocab_size, block_size=c.max_position_embeddings,
                             n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
                             intermediate_size=c.intermediate_size, type_vocab_size=c.type_vocab_size,
@@ -216,6 +219,15 @@ class BERT(Encoder):
     def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Copy HF `BertForMaskedLM.state_dict()` weights into this model."""
         ours = self.state_dict()
+        word = state_dict.get("bert.embeddings.word_embeddings.weight")
+        if word is not None and word.shape[0] != self.config.vocab_size:
+            raise ValueError(f"vocabulary mismatch: the HF weights have {word.shape[0]} tokens but this BERT has "
+                             f"vocab_size={self.config.vocab_size}; build it with BERTConfig(vocab_size="
+                             f"{word.shape[0]}, ...) or use BERT.from_hf(hf_model)")
+        decoder = state_dict.get("cls.predictions.decoder.weight")
+        if decoder is not None and word is not None and not torch.equal(decoder, word):
+            raise ValueError("HF 'cls.predictions.decoder.weight' differs from the word embeddings, but mplib's "
+                             "BERT ties them (one Parameter); build the HF model with tie_word_embeddings=True")
         with torch.no_grad():
             for mine, theirs in _hf_names(self.config.n_layer):
                 if theirs not in state_dict:

@@ -29,7 +29,7 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
+        if self.n_head < 1 or self.n_embd % self.n_head:
             raise ValueError(f"n_head {self.n_head} must divide n_embd {self.n_embd} (each head gets "
                              f"n_embd / n_head channels); pick n_head from "
                              f"{[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:8]}...")
@@ -241,6 +241,15 @@ class GPT(nn.Module):
     def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Copy HF GPT-2 weights (`GPT2LMHeadModel.state_dict()`) into this model."""
         ours = self.state_dict()
+        wte = state_dict.get("transformer.wte.weight")
+        if wte is not None and wte.shape[0] != self.config.vocab_size:
+            raise ValueError(f"vocabulary mismatch: the HF weights have {wte.shape[0]} tokens but this GPT has "
+                             f"vocab_size={self.config.vocab_size}; build it with GPTConfig(vocab_size="
+                             f"{wte.shape[0]}, ...) or use GPT.from_hf(hf_model)")
+        head = state_dict.get("lm_head.weight")
+        if head is not None and wte is not None and not torch.equal(head, wte):
+            raise ValueError("HF 'lm_head.weight' differs from 'transformer.wte.weight', but mplib's GPT ties "
+                             "them (one Parameter); build the HF model with tie_word_embeddings=True")
         with torch.no_grad():
             for mine, theirs, transpose in _hf_names(self.config.n_layer):
                 if theirs not in state_dict:
