@@ -28,7 +28,8 @@ from mplib.train import fit
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pretrain(steps: int, batch_size: int = 32, lr: float = 3e-3, progress: bool = True) -> tuple[ELMo, WordVocab, float]:
+def pretrain(steps: int, batch_size: int = 32, lr: float = 3e-3,
+             progress: bool = True) -> tuple[ELMo, WordVocab, float]:
     """Train ELMO_TINY for `steps` steps on random corpus sentences; returns model, vocab, final loss."""
     mplib.env.seed_everything(0)
     text = load_text()

@@ -12,11 +12,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+import mplib.data
 from mplib.train import lm_loss
 
 Layers = tuple[tuple[Tensor, ...], Tensor]  # (every layer so far, each (B, T, 2C); token mask (B, T))
@@ -122,8 +124,8 @@ class ELMoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.n_highway < 0:
-            raise ValueError(f"n_highway must be >= 0, got {self.n_highway}")
+        if isinstance(self.n_highway, bool) or not isinstance(self.n_highway, int) or self.n_highway < 0:
+            raise ValueError(f"n_highway must be an int >= 0, got {self.n_highway!r}; use e.g. 1")
         self.filters = tuple(tuple(f) for f in self.filters)
         if not self.filters or any(len(f) != 2 or min(f) < 1 for f in self.filters):
             raise ValueError(f"filters must be a non-empty list of (width, channels) pairs, got {self.filters}")
@@ -258,6 +260,7 @@ class ELMo(nn.Module):
         self.head = LMHead(config)
 
     def blocks(self) -> list[nn.Module]:
+        """Token encoder, one block per biLSTM layer, head; chained they are `forward` (contract 1)."""
         return [self.encoder, *self.layers, self.head]
 
     def forward(self, char_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -280,6 +283,22 @@ class ELMo(nn.Module):
         return torch.stack(layers, dim=1), mask
 
 
+def load_pretrained(path: str | Path | None = None) -> tuple[ELMo, WordVocab]:
+    """The biLM written by scripts/pretrain_elmo.py (default data/checkpoints/elmo_tiny.pt) and its vocab.
+
+    Example:
+        model, vocab = load_pretrained()
+        reps, mask = model.eval().representations(batch_to_ids(["the bat flew"]))
+    """
+    path = Path(path) if path is not None else mplib.data.DATA / "checkpoints" / "elmo_tiny.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no ELMo checkpoint at {path}; write it with python scripts/pretrain_elmo.py")
+    checkpoint = torch.load(path, map_location="cpu")
+    model = ELMo(ELMoConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model, WordVocab(checkpoint["vocab"])
+
+
 def bilm_loss(logits: tuple[Tensor, Tensor], word_ids: Tensor) -> Tensor:
     """Mean of the forward LM loss (position t predicts word t+1) and the backward one (t predicts t-1).
 
@@ -291,7 +310,10 @@ def bilm_loss(logits: tuple[Tensor, Tensor], word_ids: Tensor) -> Tensor:
     if fwd.shape[:2] != word_ids.shape:
         raise ValueError(f"logits {tuple(fwd.shape)} and word_ids {tuple(word_ids.shape)} must share (B, T); "
                          "build both from the same sentences (batch_to_ids and WordVocab.encode_batch)")
-    return (lm_loss(fwd[:, :-1], word_ids[:, 1:]) + lm_loss(bwd[:, 1:], word_ids[:, :-1])) / 2
+    # Backward targets: position t predicts word t-1, but only where t is a real token; the first
+    # padding position would otherwise learn to predict </s> from a state that read the padding.
+    bwd_targets = word_ids[:, :-1].masked_fill(word_ids[:, 1:].eq(-100), -100)
+    return (lm_loss(fwd[:, :-1], word_ids[:, 1:]) + lm_loss(bwd[:, 1:], bwd_targets)) / 2
 
 
 class ScalarMix(nn.Module):
