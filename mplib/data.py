@@ -74,6 +74,10 @@ class CharTokenizer:
 class WordTokenizer:
     """A WordPiece vocabulary trained locally with the `tokenizers` library (ships with transformers).
 
+    The trainer breaks ties between equally frequent merges in no fixed order, so two trainings
+    on the same text may give different ids: `save()` a vocabulary that a checkpoint depends on
+    and `load()` it (scripts/pretrain.py does so, with a sorted word-level vocabulary).
+
     Example:
         tok = WordTokenizer.train(mplib.data.load_text(), vocab_size=1000)
         tok.decode(tok.encode("the farmer fed the goat."))
