@@ -70,3 +70,11 @@ def test_readme_ten_line_example_runs_and_checks_itself(capsys):
     assert len(code.strip().splitlines()) <= 10
     exec(compile(code, "README.md", "exec"), {})
     assert "stage" in capsys.readouterr().out  # the plan was printed
+
+
+def test_every_python_example_in_the_readme_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md python block {i}", "exec"), {})
+    assert capsys.readouterr().out  # each example prints what it shows
