@@ -5,16 +5,20 @@ the backward of micro-batch m on stage j is `torch.autograd.backward(output, gra
 gradient stage j+1 computed for that leaf. Devices therefore work at the same time, each on its
 own micro-batch, in the order the schedule (`mplib.schedule`) gives.
 
-Randomness (dropout): workers share the global generator, so with dropout active the masks
-depend on thread timing. Pass `seed=` to make every forward of (stage j, micro-batch m) draw
-from `manual_seed(seed + 1009 * j + m)`: reproducible run to run and equal for every schedule
-and checkpoint mode. Forwards that draw random numbers, and recomputes, then hold one lock.
+Randomness (dropout): workers share the global generator, so thread timing would decide who
+draws which numbers. Instead each run draws one `step_seed` (from the global generator, or from
+its own generator when built with `seed=`), and the forward of (stage j, micro-batch m) draws
+from `manual_seed(microbatch_seed(step_seed, j, m))`: reproducible, different every step, and
+the same for every schedule and checkpoint mode. Forwards that draw random numbers, and
+recomputes, hold one lock (the generator is global), so with dropout they do not overlap.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +39,10 @@ class PipelineError(RuntimeError):
 
 
 class _Aborted(Exception):
+    pass
+
+
+class _BadLoss(ValueError):
     pass
 
 
@@ -67,15 +75,32 @@ def _fresh_leaf(t: Tensor) -> Tensor:
     return t.detach().requires_grad_(t.requires_grad and torch.is_grad_enabled())
 
 
+def microbatch_seed(step_seed: int, stage: int, microbatch: int) -> int:
+    """The seed the forward of (`stage`, `microbatch`) draws its dropout masks from in one run.
+
+    Example:
+        loss = pipe.step(x, y)
+        torch.manual_seed(microbatch_seed(pipe.step_seed, 0, 0)); ...  # replays stage 0 on micro-batch 0
+    """
+    return (step_seed * 1_000_003 + stage * 10_007 + microbatch) % 2**63
+
+
 class Pipeline(nn.Module):
     """A SplitModel run micro-batch by micro-batch under a schedule; gradients equal the unsplit model's.
 
     `step(batch, targets)` runs forward and backward (gradients accumulate in the parameters) and
     returns the loss, `loss_fn(output, targets)` being computed per micro-batch on the last stage
-    and weighted by micro-batch size, so a mean-over-examples loss gives the full batch's gradients.
-    `pipeline(batch)` is forward only (no graph) and returns the gathered output. A tuple batch is
-    unpacked into stage 0's positional inputs. `.timeline` holds the last run's events and the
-    activation bytes each device held (counted with saved_tensors_hooks, parameters excluded).
+    and weighted by micro-batch size, so a loss that is a mean over examples gives the full
+    batch's loss and gradients, also when the last micro-batch is smaller. `pipeline(batch)` is
+    inference (no graph) and returns the gathered output. A tuple batch is unpacked into stage 0's
+    positional inputs. `.timeline` holds the last run's events and the activation bytes each
+    device held (counted with saved_tensors_hooks, parameters excluded).
+
+    `checkpoint`: "never" keeps every activation until its backward; "always" keeps only each
+    stage's inputs and recomputes the forward during backward; "except_last" checkpoints every
+    micro-batch but the last, whose backward follows its forward at once (torchgpipe's default).
+    `seed`: draw each step's dropout seed from a generator of its own (else from torch's global
+    one). `threads_per_worker`: intra-op threads per worker, e.g. 1 when CPU stand-ins share cores.
 
     Example:
         pipe = Pipeline(split(GPT(GPT_TINY), ["cpu", "cpu"]), chunks=4, schedule="1f1b", loss_fn=lm_loss)
@@ -106,15 +131,23 @@ class Pipeline(nn.Module):
                                  f"split over devices repeated round-robin, e.g. {self.devices * virtual}")
         self.schedule = build(schedule, self.K, chunks, virtual)  # checks chunks against the schedule
         self.chunks, self.checkpoint, self.loss_fn = chunks, checkpoint, loss_fn
-        self.seed, self.threads = seed, threads_per_worker
+        self.threads, self._non_blocking = threads_per_worker, bool(getattr(split_model, "non_blocking", False))
+        self._seeds = None if seed is None else torch.Generator().manual_seed(seed)
+        self.step_seed: int | None = None
         self.timeline: Timeline | None = None
-        self._tls = threading.local()
+        self._in_backward: dict[int, tuple[int, int]] = {}  # stage -> (worker, micro-batch) while its backward runs
+        self._recompute: dict[int, list[float]] = {}
         for j, stage in enumerate(split_model.stages):
-            stage.register_forward_pre_hook(self._recompute_begins)
-            stage.register_forward_hook(self._recompute_ends)
+            stage.register_forward_pre_hook(partial(self._recompute_begins, j))
+            stage.register_forward_hook(partial(self._recompute_ends, j))
 
     # -- public ----------------------------------------------------------------------------------
     def forward(self, batch: Any) -> Any:
+        """Inference: the gathered output of every micro-batch, computed without a graph.
+
+        Example:
+            logits = pipe(ids)          # equals the unsplit model's model(ids)
+        """
         with torch.no_grad():
             outputs, _ = self._run(batch, None, train=False)
         return gather([outputs[m] for m in range(len(outputs))])
@@ -128,6 +161,9 @@ class Pipeline(nn.Module):
         if self.loss_fn is None:
             raise ValueError("step needs a loss: build Pipeline(..., loss_fn=fn) with fn(output, targets) "
                              "returning a scalar, e.g. mplib.train.lm_loss")
+        if not torch.is_grad_enabled():
+            raise RuntimeError("step runs backward, but gradients are disabled here (torch.no_grad); "
+                               "call pipe(batch) for inference, or step outside torch.no_grad()")
         _, losses = self._run(batch, targets, train=True)
         return torch.stack([losses[m] for m in range(len(losses))]).sum()
 
@@ -138,14 +174,16 @@ class Pipeline(nn.Module):
         self._sizes, self._total = [batch_size(m) for m in mbs], batch_size(batch)
         self._mbs, self._box, self._saved, self._outputs, self._losses = mbs, _Mailbox(), {}, {}, {}
         self._held = [0] * self.K
-        self._random = self.seed is not None or (self.model.training and _has_dropout(self.model))
+        self._random = self._seeds is not None or (self.model.training and _has_dropout(self.model))
+        self.step_seed = None
+        if self._random:  # one draw per run: reproducible under torch.manual_seed, new masks every step
+            self.step_seed = int(torch.randint(2**62, (1,), generator=self._seeds).item())
         self._params = {p.data_ptr() for p in self.model.parameters()}
         names = [("stage" if self.virtual == 1 else "device") + f" {w}: {d}" for w, d in enumerate(self.devices)]
         tl = self.timeline = Timeline(lanes=names)
         for w in range(self.K):
             tl.sample_memory(w, 0, at=0.0)
-        grad = torch.is_grad_enabled()
-        workers = [threading.Thread(target=self._work, args=(w, train, grad), daemon=True, name=f"pipeline-{w}")
+        workers = [threading.Thread(target=self._work, args=(w, train), daemon=True, name=f"pipeline-{w}")
                    for w in range(self.K)]
         for t in workers:
             t.start()
@@ -153,36 +191,42 @@ class Pipeline(nn.Module):
             t.join()
         if self._box.error is not None:
             j, m, kind, exc = self._box.error
-            raise PipelineError(f"stage {j} failed on micro-batch {m} during its "
-                                f"{'forward' if kind == 'F' else 'backward'}: {type(exc).__name__}: {exc}") from exc
+            where = f"stage {j} failed on micro-batch {m} during its {'forward' if kind == 'F' else 'backward'}"
+            if isinstance(exc, _BadLoss):
+                raise ValueError(f"{exc} ({where})") from exc
+            raise PipelineError(f"{where}: {type(exc).__name__}: {exc}") from exc
         return self._outputs, self._losses
 
-    def _work(self, w: int, train: bool, grad: bool) -> None:
+    def _work(self, w: int, train: bool) -> None:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         dev = self.devices[w]
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        torch.set_grad_enabled(grad)
+        torch.set_grad_enabled(train)
         for a in self.schedule.actions[w]:
+            if self._box.error is not None:
+                return  # another stage failed: stop at once, the caller raises its error
             if a.kind == "B" and not train:
                 continue
             j = self.schedule.virtual_stage(a)
             try:
                 (self._forward if a.kind == "F" else self._backward)(w, j, a, train)
-                if dev.type == "cuda":
-                    torch.cuda.current_stream(dev).synchronize()  # outputs complete before another worker reads them
             except _Aborted:
                 return
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the caller, never hang
                 self._box.fail((j, a.microbatch, a.kind, exc))
                 return
 
+    def _sync(self, w: int) -> Callable[[], None] | None:
+        dev = self.devices[w]  # on CUDA, time the work itself, not its launch; outputs complete before sharing
+        return (lambda: torch.cuda.current_stream(dev).synchronize()) if dev.type == "cuda" else None
+
     def _checkpointed(self, m: int) -> bool:
         return self.checkpoint == "always" or (self.checkpoint == "except_last" and m < self.chunks - 1)
 
     def _forward(self, w: int, j: int, a: Action, train: bool) -> None:
-        m, stage, tl = a.microbatch, self.model.stages[j], self.timeline
+        m, stage, tl, sync = a.microbatch, self.model.stages[j], self.timeline, self._sync(w)
         last = j == len(self.model.stages) - 1
         if j == 0:
             x = to_device(self._mbs[m], stage.device)
@@ -190,33 +234,36 @@ class Pipeline(nn.Module):
         else:
             x = self._box.get(("act", j - 1, m))
             if torch.device(self.model.devices[j - 1]) != stage.device:
-                with tl.record(w, "copy", stage=j, microbatch=m, label=f"copy {j - 1}->{j}"):
-                    x = to_device(x, stage.device)
-            x = map_tensors(x, _fresh_leaf)
-            args = (x,)
+                with tl.record(w, "copy", sync=sync, stage=j, microbatch=m, label=f"copy {j - 1}->{j}"):
+                    x = to_device(x, stage.device, self._non_blocking)  # CUDA: on a side stream
+            args = (map_tensors(x, _fresh_leaf),)
         ckpt = train and self._checkpointed(m)
-        counter = _SavedBytes(self._params)
-        with tl.record(w, "forward", stage=j, microbatch=m, label=f"F{m}"), self._rng(j, m), counter:
-            y = _checkpoint(stage, *args, use_reentrant=False) if ckpt else stage(*args)
+        counter = _SavedBytes(self._params)  # a checkpointed forward saves only its inputs, which it counts
+        with tl.record(w, "forward", sync=sync, stage=j, microbatch=m, label=f"F{m}"), self._rng(j, m), counter:
+            # early_stop=False: the recompute runs the whole stage, so its end is a recorded event
+            y = _checkpoint(stage, *args, use_reentrant=False, early_stop=False) if ckpt else stage(*args)
             if train and last:
-                loss = self.loss_fn(y, to_device(self._tgts[m], stage.device))
-                if not isinstance(loss, Tensor) or loss.dim() != 0:
-                    raise ValueError(f"loss_fn must return a scalar tensor, got "
-                                     f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}; "
-                                     "reduce it, e.g. with .mean()")
-                y = loss * (self._sizes[m] / self._total)  # the full batch's mean, micro-batch by micro-batch
-                self._losses[m] = y.detach()
+                y = self._loss(y, m, stage.device)
         if not train:
             if last:
                 self._outputs[m] = y
             else:
                 self._box.put(("act", j, m), y)
             return
-        held = counter.bytes + (sum(t.nbytes for t in _leaves(args)) if ckpt else 0)
-        self._saved[(j, m)] = (args, y, held)
-        self._account(w, held)
+        self._saved[(j, m)] = (args, y, counter.bytes)
+        self._account(w, counter.bytes)
         if not last:
             self._box.put(("act", j, m), y)
+
+    def _loss(self, y: Any, m: int, device: torch.device) -> Tensor:
+        loss = self.loss_fn(y, to_device(self._tgts[m], device))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise _BadLoss(f"loss_fn must return a scalar tensor (a mean over the micro-batch), got {got}; "
+                           "reduce it, e.g. with .mean()")
+        loss = loss * (self._sizes[m] / self._total)  # the full batch's mean, micro-batch by micro-batch
+        self._losses[m] = loss.detach()
+        return loss
 
     def _backward(self, w: int, j: int, a: Action, train: bool) -> None:
         m, stage, tl = a.microbatch, self.model.stages[j], self.timeline
@@ -224,19 +271,23 @@ class Pipeline(nn.Module):
         if j == len(self.model.stages) - 1:
             outs, grads = [y], None
         else:
-            g = to_device(self._box.get(("grad", j, m)), stage.device)
+            g = to_device(self._box.get(("grad", j, m)), stage.device, self._non_blocking)
             pairs = [(o, gi) for o, gi in zip(_leaves(y), g) if gi is not None and o.requires_grad]
             outs, grads = [o for o, _ in pairs], [gi for _, gi in pairs]
-        self._tls.ctx = (w, j, m)
+        sync = self._sync(w)
+        if sync is not None:
+            sync()
+        self._in_backward[j], self._recompute[j] = (w, m), []
         start = tl.now()
-        lock = _RNG_LOCK if (self._random and self._checkpointed(m)) else _NoLock()
+        lock = _RNG_LOCK if (self._random and self._checkpointed(m)) else nullcontext()
         with lock:  # a recompute restores the global RNG state: no other forward may draw meanwhile
             if outs:
                 torch.autograd.backward(outs, grads)
-        self._tls.ctx = None
-        begin = getattr(self._tls, "recompute_end", None) or start
-        self._tls.recompute_end = None
-        tl.add(w, "backward", max(start, begin), tl.now(), stage=j, microbatch=m, label=f"B{m}")
+            if sync is not None:
+                sync()
+        del self._in_backward[j]
+        spans = self._recompute.pop(j)
+        tl.add(w, "backward", max([start] + [e for _, e in spans]), tl.now(), stage=j, microbatch=m, label=f"B{m}")
         self._account(w, -held)
         if j > 0:
             self._box.put(("grad", j - 1, m), [t.grad if t.requires_grad else None for t in _leaves(args)])
@@ -247,50 +298,30 @@ class Pipeline(nn.Module):
 
     def _rng(self, j: int, m: int) -> Any:
         if not self._random:
-            return _NoLock()
-        return _SeededRng(None if self.seed is None else self.seed + 1009 * j + m, self.devices)
+            return nullcontext()
+        return _seeded_rng(microbatch_seed(self.step_seed, j, m), self.devices)
 
-    # recompute events: a checkpointed stage's forward running inside its backward
-    def _recompute_begins(self, module: nn.Module, inputs: Any) -> None:
-        if getattr(self._tls, "ctx", None) is not None:
-            self._tls.recompute_start = self.timeline.now()
+    # recompute events: a checkpointed stage's forward running inside its backward (on CUDA the
+    # autograd engine runs it on its own thread, so the context is kept per stage, not per thread)
+    def _recompute_begins(self, j: int, module: nn.Module, inputs: Any) -> None:
+        if j in self._in_backward:
+            self._recompute[j].append([self.timeline.now(), 0.0])
 
-    def _recompute_ends(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        ctx = getattr(self._tls, "ctx", None)
-        if ctx is not None:
-            w, j, m = ctx
-            end = self.timeline.now()
-            self.timeline.add(w, "recompute", self._tls.recompute_start, end, stage=j, microbatch=m, label=f"R{m}")
-            self._tls.recompute_end = end
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    def _recompute_ends(self, j: int, module: nn.Module, inputs: Any, output: Any) -> None:
+        ctx = self._in_backward.get(j)
+        if ctx is not None and self._recompute[j]:
+            w, m = ctx
+            span = self._recompute[j][-1]
+            span[1] = self.timeline.now()
+            self.timeline.add(w, "recompute", span[0], span[1], stage=j, microbatch=m, label=f"R{m}")
 
 
-class _SeededRng:
-    """Hold the RNG lock; with a seed, draw from a forked generator seeded for this (stage, micro-batch)."""
-
-    def __init__(self, seed: int | None, devices: list[torch.device]) -> None:
-        self.seed, self.cuda = seed, sorted({d.index or 0 for d in devices if d.type == "cuda"})
-
-    def __enter__(self) -> None:
-        _RNG_LOCK.acquire()
-        if self.seed is not None:
-            self._fork = torch.random.fork_rng(devices=self.cuda)
-            self._fork.__enter__()
-            torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            if self.seed is not None:
-                self._fork.__exit__(*exc)
-        finally:
-            _RNG_LOCK.release()
+@contextmanager
+def _seeded_rng(seed: int, devices: list[torch.device]) -> Iterator[None]:
+    """Hold the RNG lock and draw from the global generator seeded for one (stage, micro-batch)."""
+    with _RNG_LOCK, torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices if d.type == "cuda"})):
+        torch.manual_seed(seed)  # fork_rng restores the caller's generator state afterwards
+        yield
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):

@@ -104,6 +104,8 @@ def _interleaved(K: int, M: int, v: int) -> list[list[Action]]:
 def build(name: str, stages: int, chunks: int, virtual: int = 1) -> Schedule:
     """Build a schedule by name: "gpipe" (fill-drain), "1f1b" (PipeDream-flush), "interleaved".
 
+    1F1B needs chunks >= stages; interleaved needs chunks to be a multiple of stages.
+
     Example:
         s = build("interleaved", stages=2, chunks=4, virtual=2)
         validate(s); bubble_fraction(s)    # (K-1)/(v*M+K-1) = 1/9
@@ -126,6 +128,10 @@ def build(name: str, stages: int, chunks: int, virtual: int = 1) -> Schedule:
                              f"multiple of {stages}, got {chunks}; use chunks="
                              f"{max(stages, chunks - chunks % stages)} or {chunks + stages - chunks % stages}")
         actions = _interleaved(stages, chunks, virtual)
+    elif key == "1f1b" and chunks < stages:
+        raise ValueError(f"1f1b needs at least as many micro-batches as stages to reach its one-forward-"
+                         f"one-backward steady state, got chunks={chunks} < stages={stages}; use chunks >= "
+                         f"{stages}, or 'gpipe' (which 1f1b equals when chunks < stages)")
     else:
         actions = _gpipe(stages, chunks) if key == "gpipe" else _one_f_one_b(stages, chunks)
     return Schedule(key, stages, chunks, virtual, actions)

@@ -12,7 +12,8 @@ def _valid_cases():
         for v in ([1] if name != "interleaved" else [2, 3]):
             for K in range(1, 9):
                 for M in range(1, 17):
-                    if name != "interleaved" or M % K == 0:
+                    if (name == "gpipe" or (name == "1f1b" and M >= K)
+                            or (name == "interleaved" and M % K == 0)):
                         yield name, K, M, v
 
 
@@ -53,11 +54,24 @@ def test_interleaved_bubble_is_k_minus_1_over_v_m_plus_k_minus_1_exactly():
 
 def test_1f1b_never_holds_more_than_k_microbatches_on_stage_0():
     for K in range(1, 9):
-        for M in range(1, 17):
+        for M in range(K, 17):
             peaks = build("1f1b", K, M).peak_in_flight()
-            assert peaks[0] == min(K, M)
-            assert peaks == [min(K - d, M) for d in range(K)]
+            assert peaks[0] == K
+            assert peaks == [K - d for d in range(K)]
             assert build("gpipe", K, M).peak_in_flight() == [M] * K
+
+
+def test_interleaved_holds_more_chunks_in_flight_than_1f1b_but_a_bounded_number():
+    # Megatron's warm-up is 2(K-d-1) + (v-1)K chunk-forwards, plus the one of the first steady step
+    for name, K, M, v in CASES:
+        if name == "interleaved":
+            peaks = build(name, K, M, v).peak_in_flight()
+            assert peaks == [min(2 * (K - d - 1) + (v - 1) * K + 1, v * M) for d in range(K)], (K, M, v)
+
+
+def test_1f1b_rejects_fewer_microbatches_than_stages():
+    with pytest.raises(ValueError, match=r"chunks=3 < stages=4; use chunks >= 4, or 'gpipe'"):
+        build("1f1b", 4, 3)
 
 
 def test_bubble_fraction_is_a_float_of_the_exact_value():

@@ -58,3 +58,30 @@ def test_simulate_rejects_cost_lists_of_the_wrong_length():
         simulate(build("gpipe", 2, 2), [1.0] * 3, [1.0] * 2)
     with pytest.raises(ValueError, match="transfer has 2 entries but the pipeline has 1 cuts"):
         simulate(build("gpipe", 2, 2), [1.0] * 2, [1.0] * 2, transfer=[1.0, 1.0])
+
+
+def test_simulated_timeline_bubble_matches_the_formulas_for_every_valid_schedule():
+    for name in ("gpipe", "1f1b", "interleaved"):
+        v = 2 if name == "interleaved" else 1
+        for K in range(1, 9):
+            for M in range(1, 17):
+                if (name == "1f1b" and M < K) or (name == "interleaved" and M % K):
+                    continue
+                tl = simulate(build(name, K, M, v), [1.0] * K, [2.0] * K)
+                assert tl.bubble_fraction() == pytest.approx((K - 1) / (v * M + K - 1), abs=1e-12), (name, K, M)
+
+
+def test_chrome_trace_of_a_simulated_timeline_loads_as_json_with_one_event_per_action(tmp_path):
+    import json
+
+    s = build("1f1b", 2, 3)
+    tl = simulate(s, [1.0, 1.0], [2.0, 2.0], transfer=[0.5], bytes_per_microbatch=10)
+    tl.to_chrome_trace(tmp_path / "trace.json")
+    doc = json.loads((tmp_path / "trace.json").read_text())
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert len([e for e in spans if e["cat"] == "forward"]) == 6 and len([e for e in spans if e["cat"] == "copy"]) == 6
+    f0 = next(e for e in spans if e["tid"] == 1 and e["cat"] == "forward" and e["args"]["microbatch"] == 0)
+    assert (f0["name"], f0["ts"], f0["dur"]) == ("F0", 1.5e6, 1e6)  # after F0 on stage 0 and the copy
+    names = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M"}
+    assert names == {"stage 0", "stage 1", "link 0->1"}
+    assert any(e["ph"] == "C" and e["args"]["bytes"] == 20 for e in doc["traceEvents"])  # 2 in flight x 10 B

@@ -1,0 +1,285 @@
+"""The in-process pipeline: same loss and gradients as one device, counted memory, errors that surface."""
+
+import copy
+import json
+import threading
+import traceback
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mplib.microbatch import scatter
+from mplib.models.gpt import GPT, GPTConfig
+from mplib.models.rnn import CHAR_LSTM_TINY, CharRNN
+from mplib.pipeline import Pipeline, PipelineError, _SavedBytes, microbatch_seed
+from mplib.split import split
+from mplib.train import lm_loss
+
+GPT_SMALL = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)  # 4 blocks
+GPT2_TINY = dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: train-mode runs compare exactly
+MODELS = {
+    "gpt": lambda: GPT(GPT_SMALL),
+    "hf_gpt2": lambda: GPT2LMHeadModel(GPT2Config(**GPT2_TINY)),
+    "lstm": lambda: CharRNN(CHAR_LSTM_TINY),  # embedding, 2 LSTM layers, head
+}
+SCHEDULES = {"gpipe": 2, "1f1b": 2, "interleaved": 4}  # stages to split into; interleaved: 2 per device
+
+
+def logits_of(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def batch(b=7, t=8, vocab=64):
+    return torch.randint(vocab, (b, t)), torch.randint(vocab, (b, t))
+
+
+def pipeline_of(model, schedule="gpipe", checkpoint="never", chunks=4, **kwargs):
+    sm = split(model, ["cpu"] * SCHEDULES[schedule])
+    return Pipeline(sm, chunks=chunks, schedule=schedule, checkpoint=checkpoint, loss_fn=lm_loss, **kwargs)
+
+
+def assert_grads_equal(pipe, ref):
+    mine = pipe.model.state_dict(keep_vars=True)
+    for name, p in ref.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name  # a zero grad would compare vacuously
+        torch.testing.assert_close(mine[name].grad, p.grad, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("checkpoint", ["never", "except_last", "always"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_pipeline_loss_and_grads_match_single_device(model_name, schedule, checkpoint):
+    model = MODELS[model_name]()
+    ref = copy.deepcopy(model)
+    x, y = batch()  # 7 examples in 4 micro-batches: 2, 2, 2 and an uneven last one of 1
+    pipe = pipeline_of(model, schedule, checkpoint)
+    loss = pipe.step(x, y)
+    ref_loss = lm_loss(logits_of(ref(x)), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss.detach())
+    assert_grads_equal(pipe, ref)
+
+
+def test_pipeline_forward_is_inference_equal_to_the_unsplit_model():
+    model = GPT(GPT_SMALL)
+    ref = copy.deepcopy(model)
+    x, _ = batch()
+    out = pipeline_of(model, "1f1b")(x)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, ref(x).detach())
+
+
+def test_each_device_runs_in_its_own_worker_thread():
+    model = GPT(GPT_SMALL)
+    pipe = pipeline_of(model, "1f1b")
+    threads = {}
+    for j, stage in enumerate(pipe.model.stages):
+        stage.register_forward_hook(lambda mod, i, o, j=j: threads.setdefault(j, set()).add(threading.get_ident()))
+    pipe.step(*batch())
+    assert len(threads[0]) == 1 and len(threads[1]) == 1 and threads[0] != threads[1]
+    assert threading.get_ident() not in threads[0] | threads[1]
+
+
+# -- dropout ------------------------------------------------------------------------------------
+
+def dropout_gpt():
+    return GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.2))
+
+
+def test_dropout_is_reproducible_and_the_same_for_every_schedule_and_checkpoint_mode():
+    model, x, y = dropout_gpt(), *batch()
+    grads, losses = [], []
+    for schedule, checkpoint in (("gpipe", "never"), ("gpipe", "never"), ("1f1b", "always"),
+                                 ("1f1b", "except_last"), ("gpipe", "always")):
+        torch.manual_seed(1)
+        pipe = pipeline_of(copy.deepcopy(model), schedule, checkpoint)
+        losses.append(pipe.step(x, y))
+        grads.append({k: v.grad for k, v in pipe.model.state_dict(keep_vars=True).items() if v.grad is not None})
+    for other, loss in zip(grads[1:], losses[1:]):
+        torch.testing.assert_close(loss, losses[0], rtol=0, atol=0)
+        for k in grads[0]:
+            torch.testing.assert_close(other[k], grads[0][k], msg=k)
+
+
+def test_dropout_grads_equal_a_single_device_replay_of_the_same_masks():
+    model, x, y = dropout_gpt(), *batch()
+    ref = copy.deepcopy(model)
+    pipe = pipeline_of(model, "1f1b", "except_last")
+    loss = pipe.step(x, y)
+    stages = [ref.blocks()[:2], ref.blocks()[2:]]  # the default balance [2, 2]
+    total = torch.zeros(())
+    for m, (xm, ym) in enumerate(zip(scatter(x, 4), scatter(y, 4))):
+        h = xm
+        for j, blocks in enumerate(stages):
+            with torch.random.fork_rng():
+                torch.manual_seed(microbatch_seed(pipe.step_seed, j, m))
+                for block in blocks:
+                    h = block(h)
+        part = lm_loss(h, ym) * (len(xm) / len(x))
+        part.backward()
+        total += part.detach()
+    torch.testing.assert_close(loss, total)
+    assert_grads_equal(pipe, ref)
+
+
+def test_dropout_masks_change_from_step_to_step():
+    pipe = pipeline_of(dropout_gpt(), "gpipe")
+    x, y = batch()
+    first, seed = pipe.step(x, y), pipe.step_seed
+    assert pipe.step(x, y) != first and pipe.step_seed != seed
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+def gpt_for_memory():
+    return GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=4, n_head=2, n_embd=32))  # 6 blocks
+
+
+def peaks(schedule, checkpoint="never", M=8):
+    pipe = Pipeline(split(gpt_for_memory(), ["cpu"] * 3), chunks=M, schedule=schedule, checkpoint=checkpoint,
+                    loss_fn=lm_loss)
+    pipe.step(*batch(16, 32))
+    return [pipe.timeline.peak_memory(w) for w in range(3)], pipe
+
+
+def test_gpipe_holds_every_microbatch_and_1f1b_at_most_k_on_stage_0():
+    K, M = 3, 8
+    gpipe, pipe = peaks("gpipe", M=M)
+    one_f_one_b, _ = peaks("1f1b", M=M)
+    stage0, x = pipe.model.stages[0], scatter(batch(16, 32)[0], M)[0]
+    counter = _SavedBytes({p.data_ptr() for p in stage0.parameters()})
+    with counter:
+        stage0(x)
+    assert counter.bytes > 0
+    assert gpipe[0] == M * counter.bytes  # every micro-batch's activations at once
+    assert one_f_one_b[0] == K * counter.bytes
+    assert one_f_one_b[0] <= K / M * gpipe[0] + gpipe[0] / M  # the issue's bound: K/M of GPipe's + one
+
+
+def test_checkpointing_cuts_saved_activations_at_least_5x_on_a_gpt():
+    plain, _ = peaks("gpipe", "never")
+    ckpt, _ = peaks("gpipe", "always")
+    assert all(p > 0 for p in plain + ckpt)
+    for stage in (0, 1):  # the last stage also keeps its loss's logits, which no checkpoint removes
+        assert plain[stage] >= 5 * ckpt[stage], (plain, ckpt)
+    assert ckpt[2] < plain[2]
+
+
+def test_timeline_records_every_action_recompute_and_memory_and_exports_a_chrome_trace(tmp_path):
+    pipe = pipeline_of(GPT(GPT_SMALL), "1f1b", "except_last")
+    pipe.step(*batch())
+    tl = pipe.timeline
+    assert tl.source == "measured" and tl.lanes == ["stage 0: cpu", "stage 1: cpu"]
+    for kind in ("forward", "backward"):
+        assert sorted((e.stage, e.microbatch) for e in tl.events if e.kind == kind) == [
+            (j, m) for j in range(2) for m in range(4)]
+    assert sorted((e.stage, e.microbatch) for e in tl.events if e.kind == "recompute") == [
+        (j, m) for j in range(2) for m in range(3)]  # every micro-batch but the last
+    assert [m.bytes for m in tl.memory if m.lane == 0][-1] == 0 and tl.peak_memory(0) > 0
+    doc = json.loads(json.dumps(tl.to_chrome_trace(tmp_path / "t.json")))
+    assert json.loads((tmp_path / "t.json").read_text()) == doc
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == len(tl.events) == 8 + 8 + 6
+    assert {e["name"] for e in spans if e["cat"] == "forward"} == {"F0", "F1", "F2", "F3"}
+    assert all(e["dur"] >= 0 and e["tid"] in (0, 1) for e in spans)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+class Boom(nn.Module):
+    """Identity that raises on its `fail_at`-th forward (= that micro-batch: forwards run in order)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at + 1:
+            raise RuntimeError("boom in the block")
+        return x
+
+
+class BackwardBoom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom in backward")
+
+
+def raise_within_seconds(fn):
+    """Run `fn` in a thread; return the exception it raised, failing if it hangs for 10 s."""
+    caught = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects whatever came out
+            caught.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the pipeline hung instead of raising"
+    assert caught, "the pipeline did not raise"
+    return caught[0]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_stage_raising_on_microbatch_m_surfaces_naming_stage_and_microbatch(schedule):
+    layers = [nn.Linear(4, 4), nn.Linear(4, 4), Boom(fail_at=2), nn.Linear(4, 4)]
+    pipe = Pipeline(split(layers, ["cpu", "cpu"]), chunks=4, schedule=schedule,
+                    loss_fn=lambda out, y: (out - y).pow(2).mean())
+    exc = raise_within_seconds(lambda: pipe.step(torch.randn(8, 4), torch.randn(8, 4)))
+    assert isinstance(exc, PipelineError)
+    assert "stage 1 failed on micro-batch 2 during its forward: RuntimeError: boom in the block" in str(exc)
+    assert isinstance(exc.__cause__, RuntimeError)
+    assert any(frame.name == "forward" and "test_pipeline" in frame.filename
+               for frame in traceback.extract_tb(exc.__cause__.__traceback__))  # the original traceback
+
+
+def test_a_backward_error_surfaces_naming_its_stage():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return BackwardBoom.apply(x)
+
+    pipe = Pipeline(split([nn.Linear(4, 4), Bad(), nn.Linear(4, 4)], ["cpu"] * 3, balance=[1, 1, 1]), chunks=2,
+                    loss_fn=lambda out, y: out.sum())
+    exc = raise_within_seconds(lambda: pipe.step(torch.randn(4, 4), torch.randn(4, 4)))
+    assert isinstance(exc, PipelineError) and "stage 1 failed on micro-batch 1 during its backward" in str(exc)
+
+
+def test_pipeline_rejects_bad_input_with_the_rule_and_the_fix():
+    sm = split(GPT(GPT_SMALL), ["cpu", "cpu"])
+    with pytest.raises(ValueError, match="unknown schedule 'zigzag'; the known schedules are gpipe, 1f1b, interleaved"):
+        Pipeline(sm, chunks=4, schedule="zigzag")
+    with pytest.raises(ValueError, match="unknown checkpoint mode 'sometimes'; use one of never, except_last, always"):
+        Pipeline(sm, chunks=4, checkpoint="sometimes")
+    with pytest.raises(ValueError, match="chunks=1 < stages=2; use chunks >= 2, or 'gpipe'"):
+        Pipeline(sm, chunks=1, schedule="1f1b")
+    with pytest.raises(TypeError, match="build one with mplib.split.split"):
+        Pipeline(GPT(GPT_SMALL), chunks=2)
+    pipe = Pipeline(sm, chunks=4, loss_fn=lm_loss)
+    with pytest.raises(ValueError, match="a batch of 3 examples cannot make 4 micro-batches.*use chunks <= 3"):
+        pipe.step(*batch(3))
+    with pytest.raises(ValueError, match="step needs a loss"):
+        Pipeline(sm, chunks=4).step(*batch())
+    bad = Pipeline(sm, chunks=2, loss_fn=lambda out, y: (out - 0).pow(2).mean(dim=-1))
+    exc = raise_within_seconds(lambda: bad.step(*batch(4)))
+    assert isinstance(exc, ValueError) and "loss_fn must return a scalar tensor" in str(exc)
+    assert "got shape (2, 8)" in str(exc) and ".mean()" in str(exc) and "stage 1" in str(exc)
+
+
+def test_a_pipeline_seed_makes_dropout_independent_of_the_global_generator():
+    model, x, y = dropout_gpt(), *batch()
+    losses = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        losses.append(pipeline_of(copy.deepcopy(model), "1f1b", seed=7).step(x, y))
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
