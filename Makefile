@@ -38,6 +38,7 @@ course: setup  ## re-execute every notebook in place so stored outputs and plots
 		../$(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
 
 bench: setup  ## print the benchmark ratios (timings: run on a quiet machine)
+	$(BIN)/python -m pip install --quiet --editable '.[test,bench]'
 	for b in benchmarks/bench_*.py; do $(BIN)/python "$$b" || exit 1; done
 
 clean:
