@@ -4,7 +4,7 @@ Pre-training takes a few minutes on a CPU, too long for a notebook in CI, so thi
 once and the notebook loads the result:
 
     python scripts/pretrain_elmo.py                           # writes data/checkpoints/elmo_tiny.pt
-    python scripts/pretrain_elmo.py --steps 5 --out /tmp/x    # a quick smoke run
+    python scripts/pretrain_elmo.py --steps 5 --out scratch/    # a quick smoke run
 
 Deterministic: one intra-op thread, fixed seeds; the same steps give the same file on the same
 machine. The checkpoint is {"config": dict, "vocab": [words], "state_dict": ..., "steps": int,
