@@ -30,6 +30,7 @@ from mplib.timeline import Timeline
 from mplib.transfer import map_tensors, to_device
 
 CHECKPOINT_MODES = ("never", "except_last", "always")
+LOSS_ON = ("microbatch", "gathered")
 LossFn = Callable[[Any, Any], Tensor]
 _RNG_LOCK = threading.Lock()
 
@@ -89,9 +90,14 @@ class Pipeline(nn.Module):
     """A SplitModel run micro-batch by micro-batch under a schedule; gradients equal the unsplit model's.
 
     `step(batch, targets)` runs forward and backward (gradients accumulate in the parameters) and
-    returns the loss, `loss_fn(output, targets)` being computed per micro-batch on the last stage
-    and weighted by micro-batch size, so a loss that is a mean over examples gives the full
-    batch's loss and gradients, also when the last micro-batch is smaller. `pipeline(batch)` is
+    returns the loss `loss_fn(output, targets)`. `loss_on="microbatch"` (the default) computes it
+    per micro-batch on the last stage, weighted by micro-batch size: exact for a loss that is a
+    mean over examples, also when the last micro-batch is smaller, but not for a sum, nor for a
+    mean over tokens when `ignore_index` leaves micro-batches with different token counts.
+    `loss_on="gathered"` is exact for any loss: every forward runs, the last stage's outputs are
+    gathered, the loss is computed once on the full output, and its gradient with respect to each
+    micro-batch's output starts that micro-batch's backward. It needs every forward before the
+    first backward, so it runs only under "gpipe" (fill-drain). `pipeline(batch)` is
     inference (no graph) and returns the gathered output. A tuple batch is unpacked into stage 0's
     positional inputs. `.timeline` holds the last run's events and the activation bytes each
     device held (counted with saved_tensors_hooks, parameters excluded).
@@ -105,11 +111,13 @@ class Pipeline(nn.Module):
     Example:
         pipe = Pipeline(split(GPT(GPT_TINY), ["cpu", "cpu"]), chunks=4, schedule="1f1b", loss_fn=lm_loss)
         loss = pipe.step(x, y); optimizer.step()
+        # targets with ignored (-100) tokens, or a summed loss: one loss on the gathered output, GPipe only
+        exact = Pipeline(split(GPT(GPT_TINY), ["cpu", "cpu"]), chunks=4, loss_fn=lm_loss, loss_on="gathered")
     """
 
     def __init__(self, split_model: nn.Module, chunks: int, schedule: str = "gpipe", checkpoint: str = "never",
                  loss_fn: LossFn | None = None, virtual: int = 1, seed: int | None = None,
-                 threads_per_worker: int | None = None) -> None:
+                 threads_per_worker: int | None = None, loss_on: str = "microbatch") -> None:
         super().__init__()
         if not hasattr(split_model, "stages") or not hasattr(split_model, "devices"):
             raise TypeError(f"Pipeline runs a SplitModel (with .stages and .devices), got "
@@ -130,6 +138,17 @@ class Pipeline(nn.Module):
                 raise ValueError(f"interleaving puts stage {j} on device {j % self.K}, but it sits on {d}; "
                                  f"split over devices repeated round-robin, e.g. {self.devices * virtual}")
         self.schedule = build(schedule, self.K, chunks, virtual)  # checks chunks against the schedule
+        # plain lists for the hot path: nn.Module attribute lookup and ModuleList indexing cost microseconds
+        self._stages, self._last = list(split_model.stages), n - 1
+        self._cross = [j > 0 and torch.device(split_model.devices[j - 1]) != torch.device(d)
+                       for j, d in enumerate(split_model.devices)]  # stage j's input comes from another device
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"unknown loss_on {loss_on!r}; use one of {', '.join(LOSS_ON)}")
+        if loss_on == "gathered" and str(schedule).lower() != "gpipe":
+            raise ValueError(f"loss_on='gathered' needs every forward before the first backward, which only "
+                             f"'gpipe' (fill-drain) gives, but schedule={schedule!r} starts backwards earlier; "
+                             "use schedule='gpipe', or loss_on='microbatch' with a loss that is a mean over examples")
+        self.loss_on = loss_on
         self.chunks, self.checkpoint, self.loss_fn = chunks, checkpoint, loss_fn
         self.threads, self._non_blocking = threads_per_worker, bool(getattr(split_model, "non_blocking", False))
         self._seeds = None if seed is None else torch.Generator().manual_seed(seed)
@@ -170,7 +189,11 @@ class Pipeline(nn.Module):
     # -- execution -----------------------------------------------------------------------------
     def _run(self, batch: Any, targets: Any, train: bool) -> tuple[dict, dict]:
         mbs = scatter(batch, self.chunks)
-        self._tgts = scatter(targets, self.chunks) if train else None
+        self._targets, self._tgts = targets, (scatter(targets, self.chunks) if train else None)
+        self._gathered = train and self.loss_on == "gathered"
+        self._final: dict[int, Any] = {}  # gathered: the last stage's outputs, as fresh leaves
+        self._grads_out: dict[int, list] = {}  # gathered: d loss / d (output of micro-batch m)
+        self._in_loss = False
         self._sizes, self._total = [batch_size(m) for m in mbs], batch_size(batch)
         self._mbs, self._box, self._saved, self._outputs, self._losses = mbs, _Mailbox(), {}, {}, {}
         self._held = [0] * self.K
@@ -192,6 +215,8 @@ class Pipeline(nn.Module):
         if self._box.error is not None:
             j, m, kind, exc = self._box.error
             where = f"stage {j} failed on micro-batch {m} during its {'forward' if kind == 'F' else 'backward'}"
+            if kind == "L":
+                where = f"the loss on the gathered output failed on stage {j}"
             if isinstance(exc, _BadLoss):
                 raise ValueError(f"{exc} ({where})") from exc
             raise PipelineError(f"{where}: {type(exc).__name__}: {exc}") from exc
@@ -215,7 +240,7 @@ class Pipeline(nn.Module):
             except _Aborted:
                 return
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the caller, never hang
-                self._box.fail((j, a.microbatch, a.kind, exc))
+                self._box.fail((j, a.microbatch, "L" if self._in_loss else a.kind, exc))
                 return
 
     def _sync(self, w: int) -> Callable[[], None] | None:
@@ -226,14 +251,14 @@ class Pipeline(nn.Module):
         return self.checkpoint == "always" or (self.checkpoint == "except_last" and m < self.chunks - 1)
 
     def _forward(self, w: int, j: int, a: Action, train: bool) -> None:
-        m, stage, tl, sync = a.microbatch, self.model.stages[j], self.timeline, self._sync(w)
-        last = j == len(self.model.stages) - 1
+        m, stage, tl, sync = a.microbatch, self._stages[j], self.timeline, self._sync(w)
+        last = j == self._last
         if j == 0:
             x = to_device(self._mbs[m], stage.device)
             args = x if isinstance(x, tuple) else (x,)
         else:
             x = self._box.get(("act", j - 1, m))
-            if torch.device(self.model.devices[j - 1]) != stage.device:
+            if self._cross[j]:
                 with tl.record(w, "copy", sync=sync, stage=j, microbatch=m, label=f"copy {j - 1}->{j}"):
                     x = to_device(x, stage.device, self._non_blocking)  # CUDA: on a side stream
             args = (map_tensors(x, _fresh_leaf),)
@@ -242,7 +267,7 @@ class Pipeline(nn.Module):
         with tl.record(w, "forward", sync=sync, stage=j, microbatch=m, label=f"F{m}"), self._rng(j, m), counter:
             # early_stop=False: the recompute runs the whole stage, so its end is a recorded event
             y = _checkpoint(stage, *args, use_reentrant=False, early_stop=False) if ckpt else stage(*args)
-            if train and last:
+            if train and last and not self._gathered:
                 y = self._loss(y, m, stage.device)
         if not train:
             if last:
@@ -254,24 +279,51 @@ class Pipeline(nn.Module):
         self._account(w, counter.bytes)
         if not last:
             self._box.put(("act", j, m), y)
+        elif self._gathered:
+            self._final[m] = map_tensors(y, _fresh_leaf)
+            if len(self._final) == self.chunks:  # the last forward: every output is here
+                self._in_loss = True
+                self._gathered_loss(w, j, stage.device)
+                self._in_loss, self._final = False, {}
+
+    def _gathered_loss(self, w: int, j: int, device: torch.device) -> None:
+        """One loss on the gathered output; its gradient per micro-batch output seeds each backward."""
+        outs = [_leaves(self._final[m]) for m in range(self.chunks)]
+        counter = _SavedBytes(self._params)
+        with self.timeline.record(w, "other", sync=self._sync(w), stage=j, label="loss"):
+            with counter:
+                full = gather([self._final[m] for m in range(self.chunks)])
+                loss = self._check_scalar(self.loss_fn(full, to_device(self._targets, device)), "batch")
+            self._account(w, counter.bytes)
+            wanted = [t for ts in outs for t in ts if t.requires_grad]
+            grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
+        self._account(w, -counter.bytes)  # autograd.grad freed the loss's graph
+        self._grads_out = {m: [next(grads) if t.requires_grad else None for t in ts] for m, ts in enumerate(outs)}
+        self._losses[0] = loss.detach()
 
     def _loss(self, y: Any, m: int, device: torch.device) -> Tensor:
-        loss = self.loss_fn(y, to_device(self._tgts[m], device))
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-            raise _BadLoss(f"loss_fn must return a scalar tensor (a mean over the micro-batch), got {got}; "
-                           "reduce it, e.g. with .mean()")
+        loss = self._check_scalar(self.loss_fn(y, to_device(self._tgts[m], device)), "micro-batch")
         loss = loss * (self._sizes[m] / self._total)  # the full batch's mean, micro-batch by micro-batch
         self._losses[m] = loss.detach()
         return loss
 
+    @staticmethod
+    def _check_scalar(loss: Any, over: str) -> Tensor:
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise _BadLoss(f"loss_fn must return a scalar tensor (the loss of the {over}), got {got}; "
+                           "reduce it, e.g. with .mean()")
+        return loss
+
     def _backward(self, w: int, j: int, a: Action, train: bool) -> None:
-        m, stage, tl = a.microbatch, self.model.stages[j], self.timeline
+        m, stage, tl = a.microbatch, self._stages[j], self.timeline
         args, y, held = self._saved.pop((j, m))
-        if j == len(self.model.stages) - 1:
-            outs, grads = [y], None
+        last = j == self._last
+        if last and not self._gathered:
+            outs, grads = [y], None  # y is this micro-batch's weighted loss
         else:
-            g = to_device(self._box.get(("grad", j, m)), stage.device, self._non_blocking)
+            g = (self._grads_out.pop(m) if last  # gathered: this micro-batch's share of the loss's gradient
+                 else to_device(self._box.get(("grad", j, m)), stage.device, self._non_blocking))
             pairs = [(o, gi) for o, gi in zip(_leaves(y), g) if gi is not None and o.requires_grad]
             outs, grads = [o for o, _ in pairs], [gi for _, gi in pairs]
         sync = self._sync(w)

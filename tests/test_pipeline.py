@@ -283,3 +283,92 @@ def test_a_pipeline_seed_makes_dropout_independent_of_the_global_generator():
         torch.manual_seed(global_seed)
         losses.append(pipeline_of(copy.deepcopy(model), "1f1b", seed=7).step(x, y))
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+# -- loss on the gathered output ----------------------------------------------------------------
+
+def sum_loss(out, y):
+    return torch.nn.functional.cross_entropy(logits_of(out).flatten(0, 1), y.flatten(), reduction="sum")
+
+
+def ignore_loss(out, y):
+    return lm_loss(logits_of(out), y, ignore_index=-100)  # a mean over the tokens that count
+
+
+LOSSES = {"mean": lambda out, y: lm_loss(logits_of(out), y), "sum": sum_loss, "ignore_index": ignore_loss}
+
+
+def targets_with_ignored_tokens(y):
+    y = y.clone()
+    y[:3, :6] = -100  # micro-batches 0 and 1 keep far fewer tokens than 2 and 3: weighting by examples is off
+    return y
+
+
+def gathered_run(model, loss_name, checkpoint="never", loss_on="gathered"):
+    x, y = batch()  # 7 examples in 4 micro-batches, the last one of 1
+    y = targets_with_ignored_tokens(y) if loss_name == "ignore_index" else y
+    ref = copy.deepcopy(model)
+    pipe = Pipeline(split(model, ["cpu", "cpu"]), chunks=4, checkpoint=checkpoint, loss_fn=LOSSES[loss_name],
+                    loss_on=loss_on)
+    loss = pipe.step(x, y)
+    ref_loss = LOSSES[loss_name](ref(x), y)
+    ref_loss.backward()
+    return pipe, ref, loss, ref_loss.detach()
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("checkpoint", ["never", "except_last", "always"])
+def test_gathered_loss_and_grads_match_single_device_for_any_loss(checkpoint, loss_name):
+    pipe, ref, loss, ref_loss = gathered_run(GPT(GPT_SMALL), loss_name, checkpoint)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_equal(pipe, ref)
+
+
+@pytest.mark.parametrize("model_name", ["hf_gpt2", "lstm"])
+def test_gathered_loss_handles_model_outputs_and_other_models(model_name):
+    pipe, ref, loss, ref_loss = gathered_run(MODELS[model_name](), "sum", "except_last")
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_equal(pipe, ref)
+
+
+@pytest.mark.parametrize("loss_name", ["sum", "ignore_index"])
+def test_per_microbatch_weighting_misses_a_loss_that_is_not_a_mean_over_examples(loss_name):
+    _, _, loss, ref_loss = gathered_run(GPT(GPT_SMALL), loss_name, loss_on="microbatch")
+    assert not torch.allclose(loss, ref_loss, rtol=1e-3), (loss, ref_loss)  # the case loss_on="gathered" fixes
+
+
+def test_gathered_loss_runs_once_between_the_last_forward_and_the_first_backward():
+    pipe, *_ = gathered_run(GPT(GPT_SMALL), "mean")
+    tl = pipe.timeline
+    (loss,) = [e for e in tl.events if e.kind == "other"]
+    assert loss.lane == 1 and loss.label == "loss"
+    last_lane = [e for e in tl.events if e.lane == 1 and e.kind in ("forward", "backward")]
+    assert all(e.end <= loss.start for e in last_lane if e.kind == "forward")
+    assert all(e.start >= loss.end for e in last_lane if e.kind == "backward")
+    assert tl.peak_memory(1) > 0 and [m.bytes for m in tl.memory if m.lane == 1][-1] == 0
+
+
+def test_gathered_loss_rejects_schedules_that_start_backwards_early_and_says_the_fix():
+    sm = split(GPT(GPT_SMALL), ["cpu", "cpu"])
+    with pytest.raises(ValueError, match="loss_on='gathered' needs every forward before the first backward.*"
+                                         "schedule='1f1b'.*use schedule='gpipe'"):
+        Pipeline(sm, chunks=4, schedule="1f1b", loss_fn=lm_loss, loss_on="gathered")
+    with pytest.raises(ValueError, match="schedule='interleaved'"):
+        Pipeline(split(GPT(GPT_SMALL), ["cpu"] * 4), chunks=4, schedule="interleaved", loss_on="gathered")
+    with pytest.raises(ValueError, match="unknown loss_on 'last'; use one of microbatch, gathered"):
+        Pipeline(sm, chunks=4, loss_on="last")
+
+
+def test_a_failing_or_non_scalar_gathered_loss_surfaces_as_an_error_naming_the_loss():
+    sm = split(GPT(GPT_SMALL), ["cpu", "cpu"])
+    bad = Pipeline(sm, chunks=2, loss_fn=lambda out, y: out.pow(2).mean(dim=-1), loss_on="gathered")
+    exc = raise_within_seconds(lambda: bad.step(*batch(4)))
+    assert isinstance(exc, ValueError) and "loss_fn must return a scalar tensor (the loss of the batch)" in str(exc)
+    assert "got shape (4, 8)" in str(exc) and "the loss on the gathered output failed on stage 1" in str(exc)
+
+    def broken(out, y):
+        raise RuntimeError("boom in the loss")
+
+    pipe = Pipeline(sm, chunks=2, loss_fn=broken, loss_on="gathered")
+    exc = raise_within_seconds(lambda: pipe.step(*batch(4)))
+    assert isinstance(exc, PipelineError) and "gathered output failed on stage 1: RuntimeError: boom" in str(exc)
