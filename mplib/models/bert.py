@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mplib.models._hf import load_mapped
+
 Hidden = tuple[Tensor, Tensor]  # (hidden (B, T, C), additive attention mask (B, 1, 1, T))
 
 
@@ -218,26 +220,9 @@ class BERT(Encoder):
 
     def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Copy HF `BertForMaskedLM.state_dict()` weights into this model."""
-        ours = self.state_dict()
-        word = state_dict.get("bert.embeddings.word_embeddings.weight")
-        if word is not None and word.shape[0] != self.config.vocab_size:
-            raise ValueError(f"vocabulary mismatch: the HF weights have {word.shape[0]} tokens but this BERT has "
-                             f"vocab_size={self.config.vocab_size}; build it with BERTConfig(vocab_size="
-                             f"{word.shape[0]}, ...) or use BERT.from_hf(hf_model)")
-        decoder = state_dict.get("cls.predictions.decoder.weight")
-        if decoder is not None and word is not None and not torch.equal(decoder, word):
-            raise ValueError("HF 'cls.predictions.decoder.weight' differs from the word embeddings, but mplib's "
-                             "BERT ties them (one Parameter); build the HF model with tie_word_embeddings=True")
-        with torch.no_grad():
-            for mine, theirs in _hf_names(self.config.n_layer):
-                if theirs not in state_dict:
-                    raise ValueError(f"HF state dict has no {theirs!r} (for {mine!r}); "
-                                     f"is it a BertForMaskedLM with {self.config.n_layer} layers?")
-                if state_dict[theirs].shape != ours[mine].shape:
-                    raise ValueError(f"HF tensor {theirs!r} has shape {tuple(state_dict[theirs].shape)} but "
-                                     f"mplib's {mine!r} has {tuple(ours[mine].shape)}; build the BERT with the "
-                                     "HF model's config, e.g. BERT.from_hf(hf_model)")
-                ours[mine].copy_(state_dict[theirs])
+        names = [(mine, theirs, False) for mine, theirs in _hf_names(self.config.n_layer)]
+        load_mapped(self.state_dict(), state_dict, names, "bert.embeddings.word_embeddings.weight",
+                    "cls.predictions.decoder.weight", "BERT", "BERTConfig", "BertForMaskedLM", self.config.n_layer)
 
     def to_hf(self) -> nn.Module:
         """This model as a `transformers.BertForMaskedLM` with the same weights."""

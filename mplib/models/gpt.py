@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mplib.models._hf import load_mapped
+
 KVCache = list[tuple[Tensor, Tensor]]  # per layer: keys and values seen so far, each (B, nh, T, hs)
 
 
@@ -240,27 +242,8 @@ class GPT(nn.Module):
 
     def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Copy HF GPT-2 weights (`GPT2LMHeadModel.state_dict()`) into this model."""
-        ours = self.state_dict()
-        wte = state_dict.get("transformer.wte.weight")
-        if wte is not None and wte.shape[0] != self.config.vocab_size:
-            raise ValueError(f"vocabulary mismatch: the HF weights have {wte.shape[0]} tokens but this GPT has "
-                             f"vocab_size={self.config.vocab_size}; build it with GPTConfig(vocab_size="
-                             f"{wte.shape[0]}, ...) or use GPT.from_hf(hf_model)")
-        head = state_dict.get("lm_head.weight")
-        if head is not None and wte is not None and not torch.equal(head, wte):
-            raise ValueError("HF 'lm_head.weight' differs from 'transformer.wte.weight', but mplib's GPT ties "
-                             "them (one Parameter); build the HF model with tie_word_embeddings=True")
-        with torch.no_grad():
-            for mine, theirs, transpose in _hf_names(self.config.n_layer):
-                if theirs not in state_dict:
-                    raise ValueError(f"HF state dict has no {theirs!r} (for {mine!r}); "
-                                     f"is it a GPT2LMHeadModel with {self.config.n_layer} layers?")
-                value = state_dict[theirs].t() if transpose else state_dict[theirs]
-                if value.shape != ours[mine].shape:
-                    raise ValueError(f"HF tensor {theirs!r} has shape {tuple(state_dict[theirs].shape)} but mplib's "
-                                     f"{mine!r} has {tuple(ours[mine].shape)}; build the GPT with the HF model's "
-                                     "config, e.g. GPT.from_hf(hf_model)")
-                ours[mine].copy_(value)
+        load_mapped(self.state_dict(), state_dict, _hf_names(self.config.n_layer), "transformer.wte.weight",
+                    "lm_head.weight", "GPT", "GPTConfig", "GPT2LMHeadModel", self.config.n_layer)
 
     def to_hf(self) -> nn.Module:
         """This model as a `transformers.GPT2LMHeadModel` with the same weights."""
