@@ -123,7 +123,7 @@ def measure(model: nn.Module, *inputs: Tensor, optimizer: str | None = "adam", l
     parts = mplib.layers.blocks(copy.deepcopy(model))
     params = list({id(p): p for m in parts.modules for p in m.parameters()}.values())  # tied weights once
     with _train_mode(parts.modules):
-        acts, out = _run_counting(parts.modules, inputs, loss, _storage_keys(parts.modules))
+        acts, out = _run_counting(parts.modules, inputs, loss, parts.modules)
     if not isinstance(out, Tensor):
         raise ValueError("the model's output has no tensor that requires grad; measure needs a trainable model")
     out.backward()
@@ -150,7 +150,7 @@ def measure_activations(model: nn.Module | Sequence[nn.Module], *inputs: Tensor,
     """
     mods = mplib.layers.blocks(model).modules
     with _train_mode(mods):
-        return sum(_run_counting(mods, inputs, loss, _storage_keys(mods))[0])
+        return sum(_run_counting(mods, inputs, loss, mods)[0])
 
 
 # --- parameters -----------------------------------------------------------------------------
@@ -183,36 +183,60 @@ def _activation_bytes(mods: list[nn.Module], mode: FakeTensorMode, batch: int, s
         fake_inputs = _fake_inputs(mods[0], mode, batch, seq, dtype, inputs)
         calls = [_functional(mod, fakes) for mod in mods]
         with mode:
-            return _run_counting(calls, fake_inputs, loss, _storage_keys(fakes.values()))[0]
+            return _run_counting(calls, fake_inputs, loss, fakes.values())[0]
+
+
+class SavedBytes(saved_tensors_hooks):
+    """Within `with`: bytes of the tensors autograd saves for backward (the activations).
+
+    Each storage counts once, whole (a view shares its base's storage, so a transposed weight is
+    the weight); storages of `exclude` (tensors or modules: parameters and buffers) are skipped.
+    Storages are told apart by their C++ object, so real and fake tensors count alike. With
+    `whole_storages=False` each distinct view counts its own bytes instead: `mplib.pipeline` counts
+    so, because a micro-batch is a view of the whole batch, whose storage is not the micro-batch's.
+    `estimate`, `measure`, `mplib.profile` and `mplib.pipeline` all count with this.
+
+    Example:
+        with mplib.memory.SavedBytes(exclude=model) as saved:
+            loss = model(x).logsumexp(-1).mean()
+        saved.bytes   # what backward will need
+    """
+
+    def __init__(self, exclude: Any = (), whole_storages: bool = True) -> None:
+        self.bytes, skip, seen = 0, _storage_keys(exclude), set()
+
+        def pack(t: Tensor) -> Tensor:
+            storage = t.untyped_storage()
+            key = storage._cdata if whole_storages else (storage._cdata, t.storage_offset(), t.shape, t.stride())
+            if storage._cdata not in skip and key not in seen:
+                seen.add(key)
+                self.bytes += storage.nbytes() if whole_storages else t.nbytes
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    def __enter__(self) -> "SavedBytes":
+        super().__enter__()
+        return self
 
 
 def _run_counting(calls: Sequence[Callable], inputs: Sequence[Tensor], loss: bool,
-                  exclude: set[int]) -> tuple[list[int], Tensor]:
+                  exclude: Any) -> tuple[list[int], Tensor]:
     """Chain `calls` on `inputs`; per call, bytes of storages first saved for backward during it.
 
     Also returns the scalar to call backward on: the loss, or the output's sum (which saves nothing).
     """
-    seen = set(exclude)
-    per_call = [0] * len(calls)
-    current = [0]
-
-    def pack(t: Tensor) -> Tensor:
-        key = t.untyped_storage()._cdata  # the StorageImpl: views of one tensor share it
-        if key not in seen:
-            seen.add(key)
-            per_call[current[0]] += t.untyped_storage().nbytes()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
+    per_call, out = [], None
+    with SavedBytes(exclude) as saved:
         x = calls[0](*inputs)
-        for i, call in enumerate(calls[1:], start=1):
-            current[0] = i
+        for call in calls[1:]:
+            per_call.append(saved.bytes - sum(per_call))
             x = call(x)
         if loss and isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2:
             logits = x.flatten(0, -2)  # (B*T, V): an LM loss, or (B, C) for a classifier
-            return per_call, F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long,
-                                                                 device=x.device))
-    return per_call, sum(t.float().sum() for t in _tensors(x) if t.requires_grad)
+            out = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=x.device))
+        per_call.append(saved.bytes - sum(per_call))  # the last call's, its loss included
+    return per_call, out if out is not None else sum(t.float().sum() for t in _tensors(x) if t.requires_grad)
 
 
 def _tensors(x: Any) -> list[Tensor]:
@@ -222,10 +246,10 @@ def _tensors(x: Any) -> list[Tensor]:
 
 
 def _storage_keys(tensors_or_mods: Any) -> set[int]:
-    items = list(tensors_or_mods)
-    if items and isinstance(items[0], nn.Module):
-        items = [t for m in items for t in (*m.parameters(), *m.buffers())]
-    return {t.untyped_storage()._cdata for t in items}
+    """The storages (C++ objects) of tensors, or of modules' parameters and buffers."""
+    items = [tensors_or_mods] if isinstance(tensors_or_mods, nn.Module) else list(tensors_or_mods)
+    tensors = [t for x in items for t in ((*x.parameters(), *x.buffers()) if isinstance(x, nn.Module) else (x,))]
+    return {t.untyped_storage()._cdata for t in tensors}
 
 
 def _to_fake(t: Tensor, mode: FakeTensorMode, dtype: torch.dtype, requires_grad: bool) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from mplib.memory import SavedBytes
 from mplib.microbatch import _leaves, batch_size, gather, scatter
 from mplib.schedule import NAMES, Action, build
 from mplib.timeline import Timeline
@@ -201,7 +202,7 @@ class Pipeline(nn.Module):
         self.step_seed = None
         if self._random:  # one draw per run: reproducible under torch.manual_seed, new masks every step
             self.step_seed = int(torch.randint(2**62, (1,), generator=self._seeds).item())
-        self._params = {p.data_ptr() for p in self.model.parameters()}
+        self._params = list(self.model.parameters())  # not activations: SavedBytes skips them
         names = [("stage" if self.virtual == 1 else "device") + f" {w}: {d}" for w, d in enumerate(self.devices)]
         tl = self.timeline = Timeline(lanes=names)
         for w in range(self.K):
@@ -263,7 +264,8 @@ class Pipeline(nn.Module):
                     x = to_device(x, stage.device, self._non_blocking)  # CUDA: on a side stream
             args = (map_tensors(x, _fresh_leaf),)
         ckpt = train and self._checkpointed(m)
-        counter = _SavedBytes(self._params)  # a checkpointed forward saves only its inputs, which it counts
+        # per view: a micro-batch is a view of the batch; a checkpointed forward saves only its inputs
+        counter = SavedBytes(self._params, whole_storages=False)
         with tl.record(w, "forward", sync=sync, stage=j, microbatch=m, label=f"F{m}"), self._rng(j, m), counter:
             # early_stop=False: the recompute runs the whole stage, so its end is a recorded event
             y = _checkpoint(stage, *args, use_reentrant=False, early_stop=False) if ckpt else stage(*args)
@@ -289,7 +291,7 @@ class Pipeline(nn.Module):
     def _gathered_loss(self, w: int, j: int, device: torch.device) -> None:
         """One loss on the gathered output; its gradient per micro-batch output seeds each backward."""
         outs = [_leaves(self._final[m]) for m in range(self.chunks)]
-        counter = _SavedBytes(self._params)
+        counter = SavedBytes(self._params, whole_storages=False)
         with self.timeline.record(w, "other", sync=self._sync(w), stage=j, label="loss"):
             with counter:
                 full = gather([self._final[m] for m in range(self.chunks)])
@@ -374,22 +376,6 @@ def _seeded_rng(seed: int, devices: list[torch.device]) -> Iterator[None]:
     with _RNG_LOCK, torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices if d.type == "cuda"})):
         torch.manual_seed(seed)  # fork_rng restores the caller's generator state afterwards
         yield
-
-
-class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Count bytes of tensors autograd saves for backward (activations), each once, parameters excluded."""
-
-    def __init__(self, params: set[int]) -> None:
-        self.bytes, seen = 0, set()
-
-        def pack(t: Tensor) -> Tensor:
-            key = (t.data_ptr(), tuple(t.shape))
-            if t.data_ptr() not in params and key not in seen:
-                seen.add(key)
-                self.bytes += t.nbytes
-            return t
-
-        super().__init__(pack, lambda t: t)
 
 
 def _has_dropout(model: nn.Module) -> bool:

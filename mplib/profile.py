@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mplib.layers import blocks as to_blocks
+from mplib.memory import SavedBytes
 
 # Optimizer state per parameter byte: Adam/AdamW keep two moments, SGD with momentum one.
 OPTIMIZER_STATE = {"adam": 2, "adamw": 2, "sgd": 1, "sgd-nomomentum": 0, None: 0}
@@ -138,7 +139,7 @@ def blocks(model: Any, sample_input: Any, device: torch.device | str = "cpu", re
                 tgt = tree_map(lambda t: t.to(dev) if isinstance(t, Tensor) else t, targets)
                 finish = lambda out: loss_fn(out, tgt)  # noqa: E731
             out, fwd, bwd, act = _measure(mod, x, repeats, sync, finish)
-            for k, v in zip(cols, (fwd, bwd, act, _storage_bytes(tree_flatten(out)[0]))):
+            for k, v in zip(cols, (fwd, bwd, act, _output_bytes(out))):
                 cols[k].append(v)
             x = (tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out),)
     finally:
@@ -168,10 +169,9 @@ def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]
     own = [*mod.parameters(), *mod.buffers()]
     fwd, bwd, act = [], [], 0
     for r in range(repeats + 1):
-        saved: list[Tensor] = []
         sync()
         t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with SavedBytes(exclude=own) as saved:
             out = mod(*args)
             loss = finish(out) if finish is not None else None
         sync()
@@ -186,23 +186,15 @@ def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]
         if r > 0:  # run 0 warms up caches and allocators
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-            act = _storage_bytes(saved, exclude=own)
-        del saved
+            act = saved.bytes
     return out, statistics.median(fwd), statistics.median(bwd), act
 
 
-def _storage_bytes(tensors: Sequence[Any], exclude: Sequence[Tensor] = ()) -> int:
-    """Bytes of the storages behind `tensors`, each storage once, skipping those of `exclude`.
-
-    Storages are told apart by their C++ object, which works for real and fake tensors alike
-    (a view shares its base's storage, so a transposed weight is recognised as the weight).
-    """
-    skip = {t.untyped_storage()._cdata for t in exclude}
-    seen = {}
-    for t in tensors:
-        if isinstance(t, Tensor) and t.untyped_storage()._cdata not in skip:
-            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+def _output_bytes(out: Any) -> int:
+    """Bytes of the storages behind the tensors in `out`, each storage once: what crosses a cut."""
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                for t in tree_flatten(out)[0] if isinstance(t, Tensor)}
+    return sum(storages.values())
 
 
 def _param_bytes(mod: nn.Module) -> int:
@@ -234,20 +226,18 @@ def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = tree_map(lambda t: _leaf(mode.from_tensor(t)) if isinstance(t, Tensor) else t, _as_args(sample_input))
         for mod in chain.modules:
-            saved: list[Tensor] = []
             # the block runs on fake copies of its parameters: their storages are known (and excluded
             # from activations), and the fake gradients land on them, never on the real parameters
             own = {name: _leaf(mode.from_tensor(p)) for name, p in mod.named_parameters()}
-            with FlopCounterMode(display=False) as fc_f, \
-                    torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with FlopCounterMode(display=False) as fc_f, SavedBytes(exclude=own.values()) as saved:
                 out = torch.func.functional_call(mod, own, x)
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
             with FlopCounterMode(display=False) as fc_b:
                 if outs:
                     torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
             f, b = fc_f.get_total_flops(), fc_b.get_total_flops()
-            acts = _storage_bytes(saved, exclude=list(own.values())) * scale
-            bound = _storage_bytes(tree_flatten(out)[0]) * scale
+            acts = saved.bytes * scale
+            bound = _output_bytes(out) * scale
             for k, v in zip(cols, (f / flops_per_second, b / flops_per_second, int(acts), int(bound),
                                    float(f + b))):
                 cols[k].append(v)

@@ -13,7 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from mplib.microbatch import scatter
 from mplib.models.gpt import GPT, GPTConfig
 from mplib.models.rnn import CHAR_LSTM_TINY, CharRNN
-from mplib.pipeline import Pipeline, PipelineError, _SavedBytes, microbatch_seed
+from mplib.memory import SavedBytes
+from mplib.pipeline import Pipeline, PipelineError, microbatch_seed
 from mplib.split import split
 from mplib.train import lm_loss
 
@@ -150,8 +151,7 @@ def test_gpipe_holds_every_microbatch_and_1f1b_at_most_k_on_stage_0():
     gpipe, pipe = peaks("gpipe", M=M)
     one_f_one_b, _ = peaks("1f1b", M=M)
     stage0, x = pipe.model.stages[0], scatter(batch(16, 32)[0], M)[0]
-    counter = _SavedBytes({p.data_ptr() for p in stage0.parameters()})
-    with counter:
+    with SavedBytes(stage0, whole_storages=False) as counter:
         stage0(x)
     assert counter.bytes > 0
     assert gpipe[0] == M * counter.bytes  # every micro-batch's activations at once
