@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from mplib.memory import SavedBytes
+
 State = Tensor | tuple[Tensor, Tensor]  # h for RNN and GRU, (h, c) for LSTM
 CELL_TYPES = ("rnn", "lstm", "gru")
 
@@ -349,17 +351,6 @@ def saved_activation_bytes(module: nn.Module, *inputs) -> int:
     Example:
         saved_activation_bytes(model.rnn.layers[0], torch.randn(8, 64, 16))  # e.g. 270336
     """
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-    kept: list[Tensor] = []  # holding every saved tensor keeps its address from being reused
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-            kept.append(t)
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), SavedBytes(exclude=module) as saved:
         module(*inputs)
-    return sum(seen.values())
+    return saved.bytes
