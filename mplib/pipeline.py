@@ -16,6 +16,7 @@ recomputes, hold one lock (the generator is global), so with dropout they do not
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
@@ -29,6 +30,7 @@ from mplib.microbatch import _leaves, batch_size, gather, scatter
 from mplib.schedule import NAMES, Action, build
 from mplib.timeline import Timeline
 from mplib.transfer import map_tensors, to_device
+from mplib.worker import Workers
 
 CHECKPOINT_MODES = ("never", "except_last", "always")
 LOSS_ON = ("microbatch", "gathered")
@@ -157,6 +159,7 @@ class Pipeline(nn.Module):
         self.timeline: Timeline | None = None
         self._in_backward: dict[int, tuple[int, int]] = {}  # stage -> (worker, micro-batch) while its backward runs
         self._recompute: dict[int, list[float]] = {}
+        self._workers: Workers | None = None  # one thread per device, started by the first run
         for j, stage in enumerate(split_model.stages):
             stage.register_forward_pre_hook(partial(self._recompute_begins, j))
             stage.register_forward_hook(partial(self._recompute_ends, j))
@@ -187,6 +190,10 @@ class Pipeline(nn.Module):
         _, losses = self._run(batch, targets, train=True)
         return torch.stack([losses[m] for m in range(len(losses))]).sum()
 
+    def __getstate__(self) -> dict:
+        # threads and locks are not state: a copy (copy.deepcopy, pickle) starts workers of its own
+        return {**self.__dict__, "_workers": None, "_box": None}
+
     # -- execution -----------------------------------------------------------------------------
     def _run(self, batch: Any, targets: Any, train: bool) -> tuple[dict, dict]:
         mbs = scatter(batch, self.chunks)
@@ -207,12 +214,12 @@ class Pipeline(nn.Module):
         tl = self.timeline = Timeline(lanes=names)
         for w in range(self.K):
             tl.sample_memory(w, 0, at=0.0)
-        workers = [threading.Thread(target=self._work, args=(w, train), daemon=True, name=f"pipeline-{w}")
-                   for w in range(self.K)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+        if self._workers is None:  # started once, closed when the pipeline is collected
+            self._workers = Workers(self.K, name="pipeline")
+            weakref.finalize(self, self._workers.close)
+        box = self._box
+        self._workers.run([partial(self._work, w, train) for w in range(self.K)],
+                          abort=lambda: box.fail((None, None, "interrupted", None)))
         if self._box.error is not None:
             j, m, kind, exc = self._box.error
             where = f"stage {j} failed on micro-batch {m} during its {'forward' if kind == 'F' else 'backward'}"
