@@ -6,14 +6,18 @@ forward and backward of one batch (gradients only, no optimizer). The three cont
 interleaved, repeat after repeat, side by side in one run; the gloo workers wait blocked on a
 queue (no CPU) while the in-process contenders run. Ratios are medians of per-repeat ratios.
 
-    .venv/bin/python benchmarks/bench_pipeline.py              # about 20 s on a quiet 2-core machine
+    .venv/bin/python benchmarks/bench_pipeline.py              # about 25 s on a quiet 2-core machine
     .venv/bin/python benchmarks/bench_pipeline.py --repeats 3 --layers 4   # a quick look
+
+On a machine with a GPU it also measures how much of an activation copy (`mplib.transfer`,
+pinned memory and a side stream) hides behind compute on that GPU, in percent of the copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -103,10 +107,14 @@ class DistPipeline:
 
 # -- in-process contenders ----------------------------------------------------------------------
 
-def timed(fn) -> float:
+def timed(fn, faults: list[int]) -> float:
+    """Seconds `fn` takes; appends the minor page faults it caused (fresh memory touched) to `faults`."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return elapsed
 
 
 def main() -> None:
@@ -143,14 +151,15 @@ def main() -> None:
 
     theirs = None if args.no_dist else DistPipeline(args)
     rows: dict[str, list[float]] = {"naive": [], "ours": [], "theirs": [], "simulated": [], "replayed": []}
+    faults: dict[str, list[int]] = {"naive": [], "ours": []}
     try:
         for _ in range(2):  # warm-up: allocators, thread pools, the gloo connection and shape inference
             naive_step(), our_step()
             if theirs:
                 theirs.step()
         for r in range(args.repeats):
-            rows["naive"].append(timed(naive_step))
-            rows["ours"].append(timed(our_step))
+            rows["naive"].append(timed(naive_step, faults["naive"]))
+            rows["ours"].append(timed(our_step, faults["ours"]))
             rows["simulated"].append(simulated_step(args))
             rows["replayed"].append(replayed_step(ours, args))
             if theirs:
@@ -160,10 +169,15 @@ def main() -> None:
         if theirs:
             theirs.close()
     report(rows)
+    print("minor page faults per step, median: " + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in faults.items()))
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores"
           + (": other processes shared the cores, so these ratios understate a quiet machine"
              if load > 2.5 else ""))
+    if torch.cuda.is_available():
+        copy_overlap(torch.device("cuda", torch.cuda.current_device()), args.repeats)
+    else:
+        print("no GPU here: the overlap of activation copies with compute is measured on a machine with one")
 
 
 def simulated_step(args: argparse.Namespace) -> float:
@@ -191,6 +205,47 @@ def replayed_step(pipe: Pipeline, args: argparse.Namespace) -> float:
     med = [[statistics.median(e.duration for e in tl.events if e.lane == s and e.kind == kind) for s in range(2)]
            for kind in ("forward", "backward")]
     return simulate(build(args.schedule, 2, args.chunks), med[0], med[1]).duration
+
+
+def copy_overlap(device: torch.device, repeats: int) -> None:
+    """On a GPU: the share of a host-to-device activation copy that hides behind compute.
+
+    The copy is the pipeline's (`mplib.transfer.to_device(..., non_blocking=True)`: pinned memory,
+    a side stream); the compute is matrix products queued on the device's stream just before it,
+    as a stage's earlier work still runs when the next activation arrives. Hidden share =
+    (compute + copy - both) / the shorter of the two: 100% when the copy costs nothing extra.
+    """
+    from mplib.transfer import to_device
+
+    act = torch.randn(16, 1024, 1024).pin_memory()  # a 64 MiB activation, staged in pinned memory
+    a = torch.randn(4096, 4096, device=device)
+
+    def clock(fn) -> float:
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    def copy() -> None:
+        to_device(act, device, non_blocking=True)
+
+    def compute(n: int) -> None:
+        for _ in range(n):
+            a @ a
+
+    clock(copy), clock(lambda: compute(1))  # warm-up: copy stream, cuBLAS handles
+    n = max(1, round(statistics.median(clock(copy) for _ in range(5))
+                     / statistics.median(clock(lambda: compute(1)) for _ in range(5))))  # compute ~ copy
+    hidden, times = [], []
+    for _ in range(max(repeats, 5)):
+        tc, tx, tb = clock(lambda: compute(n)), clock(copy), clock(lambda: (compute(n), copy()))
+        hidden.append(min(1.0, max(0.0, (tc + tx - tb) / min(tc, tx))))
+        times.append((tc, tx, tb))
+    tc, tx, tb = (statistics.median(t[i] for t in times) for i in range(3))
+    print(f"\n{torch.cuda.get_device_name(device)}: a 64 MiB activation copied host-to-device while {n} "
+          f"4096x4096 products run: compute {tc * 1e3:.2f} ms, copy {tx * 1e3:.2f} ms, both {tb * 1e3:.2f} ms; "
+          f"copy time hidden, median: {statistics.median(hidden):.0%}")
 
 
 def report(rows: dict[str, list[float]]) -> None:
