@@ -4,6 +4,7 @@ import copy
 import gc
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -124,3 +125,27 @@ def test_a_deep_copy_of_a_pipeline_starts_its_own_workers_and_gives_the_same_gra
     for (name, p), q in zip(pipe.named_parameters(), twin.parameters()):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_an_interrupted_pipeline_step_stops_its_workers_and_the_next_step_is_exact():
+    pipe, x, y = pipe_and_batch()
+    ref = copy.deepcopy(pipe)
+    main, fired, woke = threading.main_thread().ident, [], []
+
+    def ctrl_c_once(module, inputs):
+        if not fired:
+            fired.append(threading.get_ident())
+            signal.pthread_kill(main, signal.SIGINT)  # as if the reader pressed Ctrl-C mid-step
+            time.sleep(0.3)  # still busy when the caller sees the interrupt: it must wait for this
+            woke.append(True)
+
+    hook = pipe.model.stages[0].register_forward_pre_hook(ctrl_c_once)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.step(x, y)
+    assert woke, "step raised while a worker was still inside the interrupted step"
+    hook.remove()
+    pipe.zero_grad(set_to_none=True)  # the interrupted step left partial gradients: start clean
+    torch.testing.assert_close(pipe.step(x, y), ref.step(x, y))
+    for (name, p), q in zip(pipe.named_parameters(), ref.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
