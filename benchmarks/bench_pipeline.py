@@ -169,7 +169,8 @@ def main() -> None:
         if theirs:
             theirs.close()
     report(rows)
-    print("minor page faults per step, median: " + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in faults.items()))
+    print("minor page faults per step (fresh memory touched), median: "
+          + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in faults.items()))
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores"
           + (": other processes shared the cores, so these ratios understate a quiet machine"

@@ -1,4 +1,4 @@
-"""Run a pipeline schedule over a `SplitModel` in one process: one worker thread per device.
+"""Run a pipeline schedule over a `SplitModel` in one process: a long-lived thread per device.
 
 Each stage's graph is its own: stage j+1 receives stage j's output detached (a fresh leaf), and
 the backward of micro-batch m on stage j is `torch.autograd.backward(output, grad)` with the

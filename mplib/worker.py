@@ -2,8 +2,9 @@
 
 Why not a fresh thread per step: on CPU its first allocations fault fresh pages in. On the
 benchmark GPT (benchmarks/bench_pipeline.py) a step cost about 24,000 minor page faults with new
-threads and about 2,000 with workers that live as long as the pipeline, and ran 10% faster.
-Workers also keep per-thread state (the current CUDA device) from step to step.
+threads and 100 to 3,700 with workers that live as long as the pipeline, and the pipeline's
+speed-up over the naive split went from 1.29x to 1.42x. Workers also keep per-thread state (the
+current CUDA device) from step to step.
 """
 
 from __future__ import annotations
