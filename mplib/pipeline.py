@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -205,6 +205,7 @@ class Pipeline(nn.Module):
         self._sizes, self._total = [batch_size(m) for m in mbs], batch_size(batch)
         self._mbs, self._box, self._saved, self._outputs, self._losses = mbs, _Mailbox(), {}, {}, {}
         self._held = [0] * self.K
+        self._autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)]
         self._random = self._seeds is not None or (self.model.training and _has_dropout(self.model))
         self.step_seed = None
         if self._random:  # one draw per run: reproducible under torch.manual_seed, new masks every step
@@ -244,7 +245,11 @@ class Pipeline(nn.Module):
                 continue
             j = self.schedule.virtual_stage(a)
             try:
-                (self._forward if a.kind == "F" else self._backward)(w, j, a, train)
+                if a.kind == "F":
+                    with _autocast(self._autocast):  # the caller's: thread-local, so not inherited
+                        self._forward(w, j, a, train)
+                else:
+                    self._backward(w, j, a, train)  # backward runs in the dtypes its forward chose
             except _Aborted:
                 return
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the caller, never hang
@@ -382,6 +387,15 @@ def _seeded_rng(seed: int, devices: list[torch.device]) -> Iterator[None]:
     """Hold the RNG lock and draw from the global generator seeded for one (stage, micro-batch)."""
     with _RNG_LOCK, torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices if d.type == "cuda"})):
         torch.manual_seed(seed)  # fork_rng restores the caller's generator state afterwards
+        yield
+
+
+@contextmanager
+def _autocast(regions: list[tuple[str, torch.dtype]]) -> Iterator[None]:
+    """Enter, on a worker thread, the autocast regions (device type, dtype) its caller is in."""
+    with ExitStack() as stack:
+        for device_type, dtype in regions:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
         yield
 
 
