@@ -13,14 +13,26 @@ The three entry points most readers want are importable from the top:
     pipe = mplib.Pipeline(model, chunks=4, schedule="1f1b")      # pipelined training
     timeline = mplib.simulate(mplib.schedule.build("1f1b", 4, 8), [1] * 4, [2] * 4)
 
-`mplib.split` and `mplib.simulate` are the functions; their modules' other names import as
-`from mplib.split import SplitModel` and `from mplib.simulate import action_times`.
+`mplib.split` and `mplib.simulate` are the modules, and calling one calls its function of the
+same name: `import mplib.simulate as sim` and `from mplib.split import SplitModel` work as usual.
 """
 
-from mplib import data, env, layers, schedule, timeline, transfer  # noqa: F401  (submodules as attributes)
+import types
+
+from mplib import data, env, layers, schedule, split, simulate, timeline, transfer  # noqa: F401
 from mplib.pipeline import Pipeline
-from mplib.simulate import simulate
-from mplib.split import SplitModel, split
+from mplib.split import SplitModel
+
+
+class _CallableModule(types.ModuleType):
+    """A module that, called, calls its function of the same name (`mplib.split(...)` is `split.split(...)`)."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+for _module in (split, simulate):
+    _module.__class__ = _CallableModule
 
 __version__ = "0.1.0"
 

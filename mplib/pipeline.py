@@ -243,7 +243,7 @@ class Pipeline(nn.Module):
                 return  # another stage failed: stop at once, the caller raises its error
             if a.kind == "B" and not train:
                 continue
-            j = self.schedule.virtual_stage(a)
+            j = a.stage
             try:
                 if a.kind == "F":
                     with _autocast(self._autocast):  # the caller's: thread-local, so not inherited

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mplib.schedule import NAMES, Schedule, build
+from mplib.schedule import NAMES, Schedule, build, ideal_bubble
 from mplib.simulate import simulate
 from mplib.timeline import Timeline
 
@@ -27,39 +27,39 @@ class Scenario:
     @property
     def summary(self) -> str:
         s = self.schedule
-        return (f"{s.name}: K={s.stages} devices, M={s.chunks} micro-batches"
+        return (f"{s.name}: K={s.num_devices} devices, M={s.chunks} micro-batches"
                 + (f", v={s.virtual} chunks per device" if s.virtual > 1 else "")
                 + f" | step {self.timeline.duration:.2f} forward-times | bubble {self.bubble:.1%} "
                 f"(formula with free links {self.formula:.1%}) | stage 0 holds {self.in_flight[0]} "
                 + ("micro-batches" if s.virtual == 1 else "micro-batch chunks") + " at its peak")
 
 
-def scenario(stages: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time: float = 0.0,
+def scenario(devices: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time: float = 0.0,
              forward: float = 1.0, backward: float = 2.0, virtual: int = 2) -> Scenario:
-    """Simulate `schedule` on `stages` equal devices; times are in units of one stage's forward.
+    """Simulate `schedule` on `devices` equal devices; times are in units of one stage's forward.
 
     `link_time` is the time to send one micro-batch's activation across a cut (and its gradient
     back); `virtual` only applies to "interleaved". Invalid combinations raise ValueError.
 
     Example:
-        sc = scenario(stages=4, chunks=8, schedule="gpipe")
+        sc = scenario(devices=4, chunks=8, schedule="gpipe")
         print(sc.summary)   # ... bubble 27.3% (formula with free links 27.3%) ...
     """
     v = virtual if str(schedule).lower() == "interleaved" else 1
-    s = build(schedule, stages, chunks, v)
-    tl = simulate(s, [forward] * stages, [backward] * stages, transfer=[link_time], bytes_per_microbatch=1)
-    bubble = tl.bubble_fraction(list(range(stages)))
-    formula = (stages - 1) / (v * chunks + stages - 1)
+    s = build(schedule, devices, chunks, v)
+    tl = simulate(s, [forward] * devices, [backward] * devices, transfer=[link_time], bytes_per_microbatch=1)
+    bubble = tl.bubble_fraction(list(range(devices)))
+    formula = float(ideal_bubble(devices, chunks, v))
     return Scenario(s, tl, bubble, formula, s.peak_in_flight())
 
 
-def draw(stages: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time: float = 0.0, ax: Any = None,
+def draw(devices: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time: float = 0.0, ax: Any = None,
          **kwargs: Any) -> Any:
     """Draw `scenario(...)`'s timeline with its summary as the title; an invalid combination
     draws the error message instead, so a slider never leaves a broken figure.
 
     Example:
-        ax = draw(stages=4, chunks=8, schedule="gpipe", link_time=0.2)
+        ax = draw(devices=4, chunks=8, schedule="gpipe", link_time=0.2)
         plt.show()
     """
     import matplotlib.pyplot as plt
@@ -67,14 +67,14 @@ def draw(stages: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time: fl
     import mplib.plot
 
     try:
-        sc = scenario(stages, chunks, schedule, link_time, **kwargs)
+        sc = scenario(devices, chunks, schedule, link_time, **kwargs)
     except ValueError as exc:
         if ax is None:
             _, ax = plt.subplots(figsize=(9, 1.5))
         ax.axis("off")
         ax.text(0, 0.5, "\n".join(_wrap(str(exc), 110)), va="center", fontsize=9, color="darkred")
         return ax
-    ax = mplib.plot.timeline(sc.timeline, ax=ax, labels=stages * chunks <= 64, title="\n".join(_wrap(sc.summary, 95)))
+    ax = mplib.plot.timeline(sc.timeline, ax=ax, labels=devices * chunks <= 64, title="\n".join(_wrap(sc.summary, 95)))
     return ax
 
 
@@ -84,7 +84,7 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 
-def explorer(stages: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time: float = 0.0) -> Any:
+def explorer(devices: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time: float = 0.0) -> Any:
     """Sliders for devices, micro-batches, schedule and link time that redraw the simulated timeline.
 
     Example:
@@ -94,7 +94,7 @@ def explorer(stages: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time
     import matplotlib.pyplot as plt
 
     controls = dict(
-        stages=w.IntSlider(value=stages, min=1, max=8, description="devices K"),
+        devices=w.IntSlider(value=devices, min=1, max=8, description="devices K"),
         chunks=w.IntSlider(value=chunks, min=1, max=32, description="micro-batches M"),
         schedule=w.Dropdown(options=list(NAMES), value=schedule, description="schedule"),
         link_time=w.FloatSlider(value=link_time, min=0.0, max=2.0, step=0.05, description="link time"),
@@ -105,5 +105,5 @@ def explorer(stages: int = 4, chunks: int = 8, schedule: str = "1f1b", link_time
         plt.show()
 
     out = w.interactive_output(show, controls)
-    return w.VBox([w.HBox([controls["stages"], controls["chunks"]]),
+    return w.VBox([w.HBox([controls["devices"], controls["chunks"]]),
                    w.HBox([controls["schedule"], controls["link_time"]]), out])

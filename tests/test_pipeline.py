@@ -281,7 +281,7 @@ def test_pipeline_rejects_bad_input_with_the_rule_and_the_fix():
         Pipeline(sm, chunks=4, schedule="zigzag")
     with pytest.raises(ValueError, match="unknown checkpoint mode 'sometimes'; use one of never, except_last, always"):
         Pipeline(sm, chunks=4, checkpoint="sometimes")
-    with pytest.raises(ValueError, match="chunks=1 < stages=2; use chunks >= 2, or 'gpipe'"):
+    with pytest.raises(ValueError, match="chunks=1 < devices=2; use chunks >= 2, or 'gpipe'"):
         Pipeline(sm, chunks=1, schedule="1f1b")
     with pytest.raises(TypeError, match="build one with mplib.split.split"):
         Pipeline(GPT(GPT_SMALL), chunks=2)

@@ -38,7 +38,7 @@ def test_draw_returns_the_timeline_axes_and_draws_invalid_choices_as_a_message()
 
 def test_explorer_builds_sliders_for_devices_microbatches_schedule_and_link_time():
     pytest.importorskip("ipywidgets")
-    box = explorer(stages=2, chunks=4)
+    box = explorer(devices=2, chunks=4)
     sliders = [c for row in box.children[:2] for c in row.children]
     assert [s.description for s in sliders] == ["devices K", "micro-batches M", "schedule", "link time"]
     plt.close("all")
