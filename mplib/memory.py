@@ -21,7 +21,9 @@ from torch.autograd.graph import saved_tensors_hooks
 import mplib.layers
 from mplib.transfer import map_tensors
 
-_OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}  # state tensors per parameter
+# State tensors per parameter: Adam/AdamW keep two moments, "sgd" is SGD with momentum (one buffer),
+# "none" plain SGD (no state). The one table of them: mplib.profile reads it too.
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -99,7 +101,7 @@ def estimate(model_or_config: Any, batch: int, seq: int, dtype: torch.dtype = to
         counts = [counts[0], *[counts[1]] * repeat, counts[2]]
     n = sum(counts)
     width = dtype.itemsize
-    states = _OPTIMIZER_STATES[optimizer or "none"]
+    states = OPTIMIZER_STATES[optimizer or "none"]
     opt = n * 4 * (states + 1) if mixed_precision else n * width * states  # +1: fp32 master weights
     return MemoryEstimate(params=n * width, grads=n * width, optimizer=opt,
                           activations=sum(b.activations for b in per_block), per_block=per_block,
@@ -118,8 +120,8 @@ def measure(model: nn.Module, *inputs: Tensor, optimizer: str | None = "adam", l
         real = mplib.memory.measure(GPT(GPT_TINY), torch.zeros(2, 16, dtype=torch.long))
         real.total / estimate(GPT_TINY, batch=2, seq=16).total   # about 1.0
     """
-    if (optimizer or "none") not in _OPTIMIZER_STATES:
-        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZER_STATES)}, got {optimizer!r}")
+    if (optimizer or "none") not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
     parts = mplib.layers.blocks(copy.deepcopy(model))
     params = list({id(p): p for m in parts.modules for p in m.parameters()}.values())  # tied weights once
     with _train_mode(parts.modules):
@@ -363,8 +365,8 @@ def _check_args(batch: int, seq: int, dtype: torch.dtype, optimizer: str | None,
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be a floating dtype the parameters are stored in, one of "
                          f"{[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
-    if (optimizer or "none") not in _OPTIMIZER_STATES:
-        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZER_STATES)} (sgd means SGD with momentum; "
+    if (optimizer or "none") not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)} (sgd means SGD with momentum; "
                          f"'none' plain SGD), got {optimizer!r}")
     if mixed_precision and dtype.itemsize != 2:
         raise ValueError(f"mixed precision keeps parameters in a 16-bit dtype and fp32 master weights, but "
