@@ -5,7 +5,7 @@ Two parts, both with GPT-2 small's 12 layers and its 50257-token head:
 1. predicted, full width (768, 12 heads, 1024 tokens): costs counted from FLOPs under
    FakeTensorMode (`mplib.profile.analytic`, nothing runs), step times from the cost model;
 2. predicted and measured, width reduced (default 512) so that CPU stand-in devices can run it:
-   costs measured with `mplib.profile.blocks` (one thread, as each stand-in worker gets; the
+   costs measured with `mplib.profile.measure` (one thread, as each stand-in worker gets; the
    head timed with its loss),
    each plan run through `mplib.pipeline.Pipeline` (1F1B), plans taking turns round by round;
    ratios are medians of per-round ratios.
@@ -35,7 +35,7 @@ import mplib.env  # noqa: E402
 from mplib.models.gpt import GPT, GPTConfig  # noqa: E402
 from mplib.partition import by_params, evaluate, optimal, uniform  # noqa: E402
 from mplib.pipeline import Pipeline  # noqa: E402
-from mplib.profile import analytic, blocks  # noqa: E402
+from mplib.profile import analytic, measure  # noqa: E402
 from mplib.split import split  # noqa: E402
 from mplib.train import lm_loss  # noqa: E402
 
@@ -149,7 +149,7 @@ def main() -> None:
     config = GPTConfig(vocab_size=50257, block_size=args.seq, n_layer=12, n_head=max(1, args.embd // 64),
                        n_embd=args.embd)
     batch = torch.randint(0, config.vocab_size, (args.chunks * args.micro, args.seq + 1))
-    costs = blocks(GPT(config), batch[:args.micro, :-1], repeats=5, loss_fn=lm_loss, targets=batch[:args.micro, 1:])
+    costs = measure(GPT(config), batch[:args.micro, :-1], repeats=5, loss_fn=lm_loss, targets=batch[:args.micro, 1:])
     head = costs.time[-1] / statistics.median(costs.time[1:-1])
     print("\nlibrary plans for part 2")
     others = {k: library_balances(config, k, batch[:args.micro, :-1]) for k in KS}

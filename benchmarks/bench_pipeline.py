@@ -184,7 +184,7 @@ def main() -> None:
 def simulated_step(args: argparse.Namespace) -> float:
     """The step time `simulate` predicts from per-block costs profiled one micro-batch at a time.
 
-    The reader's path: mplib.profile.blocks -> mplib.partition.evaluate (per-stage sums) ->
+    The reader's path: mplib.profile.measure -> mplib.partition.evaluate (per-stage sums) ->
     mplib.simulate. The loss is not a block, so its cost is left out (small next to the head).
     """
     import mplib.partition
@@ -192,7 +192,7 @@ def simulated_step(args: argparse.Namespace) -> float:
 
     torch.manual_seed(0)
     x, _ = data(args)
-    costs = mplib.profile.blocks(GPT(config(args)), x[: args.batch // args.chunks], repeats=5)
+    costs = mplib.profile.measure(GPT(config(args)), x[: args.batch // args.chunks], repeats=5)
     plan = mplib.partition.evaluate(costs, balance(args), 2, schedule=args.schedule, chunks=args.chunks)
     return simulate(build(args.schedule, 2, args.chunks), plan.forward, plan.backward, plan.transfer).duration
 

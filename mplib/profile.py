@@ -1,6 +1,6 @@
 """Per-block costs: forward/backward seconds, parameter, optimizer, activation and boundary bytes.
 
-`blocks` measures them by running each block; `analytic` counts FLOPs instead (no compute,
+`measure` times them by running each block; `analytic` counts FLOPs instead (no compute,
 under FakeTensorMode) for models too large to run; `BlockCosts(...)` takes your own numbers.
 """
 
@@ -77,12 +77,12 @@ class BlockCosts:
         return [p + g + o for p, g, o in zip(self.param_bytes, self.grad_bytes, self.optimizer_bytes)]
 
     def __str__(self) -> str:
-        rows = [f"{'block':<10}{'fwd ms':>9}{'bwd ms':>9}{'params MB':>11}{'optim MB':>10}"
-                f"{'activ MB':>10}{'bound MB':>10}"]
+        rows = [f"{'block':<10}{'fwd ms':>9}{'bwd ms':>9}{'params MiB':>12}{'optim MiB':>11}"
+                f"{'activ MiB':>11}{'bound MiB':>11}"]
         for i, name in enumerate(self.names):
             rows.append(f"{name[:9]:<10}{self.forward[i] * 1e3:>9.3f}{self.backward[i] * 1e3:>9.3f}"
-                        f"{self.param_bytes[i] / 2**20:>11.2f}{self.optimizer_bytes[i] / 2**20:>10.2f}"
-                        f"{self.activation_bytes[i] / 2**20:>10.2f}{self.boundary_bytes[i] / 2**20:>10.2f}")
+                        f"{self.param_bytes[i] / 2**20:>12.2f}{self.optimizer_bytes[i] / 2**20:>11.2f}"
+                        f"{self.activation_bytes[i] / 2**20:>11.2f}{self.boundary_bytes[i] / 2**20:>11.2f}")
         return "\n".join(rows)
 
 
@@ -98,7 +98,7 @@ def _checked(name: str, values: Sequence[Any], n: int, kind: type) -> list:
     return [kind(v) for v in values]
 
 
-def blocks(model: Any, sample_input: Any, device: torch.device | str = "cpu", repeats: int = 5,
+def measure(model: Any, sample_input: Any, device: torch.device | str = "cpu", repeats: int = 5,
            optimizer: str | None = "adam", loss_fn: Callable[[Any, Any], Tensor] | None = None,
            targets: Any = None) -> BlockCosts:
     """Measure each block: run it on `device`, fed by the previous block's output.
@@ -111,7 +111,7 @@ def blocks(model: Any, sample_input: Any, device: torch.device | str = "cpu", re
     the last pipeline stage runs it (a vocabulary-wide loss is a real part of the head's cost).
 
     Example:
-        costs = mplib.profile.blocks(model, x[:4], loss_fn=mplib.train.lm_loss, targets=y[:4])
+        costs = mplib.profile.measure(model, x[:4], loss_fn=mplib.train.lm_loss, targets=y[:4])
         print(costs)
     """
     if repeats < 1:

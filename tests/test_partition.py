@@ -323,14 +323,14 @@ def test_split_and_pipeline_take_a_plan_and_match_the_single_device_gradients():
 
     from mplib.models.gpt import GPT, GPTConfig
     from mplib.pipeline import Pipeline
-    from mplib.profile import blocks as profile_blocks
+    from mplib.profile import measure
     from mplib.split import split
     from mplib.train import lm_loss
 
     model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=3, n_head=2, n_embd=16))
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 256, (4, 16))
-    plan = optimal(profile_blocks(model, ids[:2], repeats=1), ["cpu", "cpu"], schedule="gpipe", chunks=2)
+    plan = optimal(measure(model, ids[:2], repeats=1), ["cpu", "cpu"], schedule="gpipe", chunks=2)
     pipe = Pipeline(split(model, plan.devices, plan), chunks=plan.chunks, schedule=plan.schedule, loss_fn=lm_loss)
     assert pipe.model.balance == plan.balance
     loss = pipe.step(ids[:, :-1], ids[:, 1:])

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mplib.models.gpt import GPT, GPTConfig
-from mplib.profile import OPTIMIZER_STATE, BlockCosts, analytic, blocks
+from mplib.profile import OPTIMIZER_STATE, BlockCosts, analytic, measure
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -16,7 +16,7 @@ def two_linears():
 
 def test_tiny_gpt_blocks_have_positive_times_and_their_parameter_bytes():
     model = GPT(TINY)
-    costs = blocks(model, torch.randint(0, 256, (2, 16)), repeats=2)
+    costs = measure(model, torch.randint(0, 256, (2, 16)), repeats=2)
     assert costs.names == ["embed", "h.0", "h.1", "head"] and costs.source == "measured"
     assert all(t > 0 for t in costs.forward + costs.backward)
     want = [sum(p.numel() * 4 for p in b.parameters()) for b in model.blocks()]
@@ -27,7 +27,7 @@ def test_tiny_gpt_blocks_have_positive_times_and_their_parameter_bytes():
 
 def test_linear_stack_bytes_are_counted_exactly():
     model, x = two_linears()
-    costs = blocks(model, x, repeats=1, optimizer="sgd")
+    costs = measure(model, x, repeats=1, optimizer="sgd")
     assert costs.param_bytes == [(8 * 16 + 16) * 4, (16 * 4 + 4) * 4]
     assert costs.optimizer_bytes == costs.param_bytes  # SGD with momentum: one buffer per parameter
     assert costs.grad_bytes == costs.param_bytes
@@ -39,7 +39,7 @@ def test_linear_stack_bytes_are_counted_exactly():
 def test_profiling_leaves_existing_gradients_untouched():
     model, x = two_linears()
     model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
-    blocks(model, x, repeats=1)
+    measure(model, x, repeats=1)
     assert model[1].weight.grad is None
     torch.testing.assert_close(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
 
@@ -56,7 +56,7 @@ def test_analytic_costs_count_linear_flops_and_time_them_at_the_given_rate():
 
 def test_analytic_bytes_equal_measured_bytes_on_a_tiny_gpt_and_halve_in_bfloat16():
     model, ids = GPT(TINY), torch.randint(0, 256, (2, 16))
-    measured, counted = blocks(model, ids, repeats=1), analytic(model, ids, flops_per_second=1e12)
+    measured, counted = measure(model, ids, repeats=1), analytic(model, ids, flops_per_second=1e12)
     for field in ("param_bytes", "activation_bytes", "boundary_bytes"):
         assert getattr(counted, field) == getattr(measured, field), field
     assert counted.flops[1] > 0 and counted.flops[3] > counted.flops[1] / 2  # the head's matmul is big
@@ -69,15 +69,15 @@ def test_given_costs_fill_defaults_and_sum_state():
     costs = BlockCosts(forward=[1.0, 2.0], backward=[2.0, 4.0], param_bytes=[10, 20], optimizer_bytes=[20, 40])
     assert costs.time == [3.0, 6.0] and costs.state_bytes == [40, 80] and costs.names == ["0", "1"]
     assert costs.activation_bytes == [0, 0] and len(costs) == 2
-    assert "fwd ms" in str(costs)
+    assert "fwd ms" in str(costs) and "params MiB" in str(costs) and "MB" not in str(costs)  # 2**20 bytes
 
 
 def test_bad_profiling_options_are_rejected():
     model, x = two_linears()
     with pytest.raises(ValueError, match="repeats must be at least 1"):
-        blocks(model, x, repeats=0)
+        measure(model, x, repeats=0)
     with pytest.raises(ValueError, match="optimizer 'lion' is not one of"):
-        blocks(model, x, optimizer="lion")
+        measure(model, x, optimizer="lion")
     with pytest.raises(ValueError, match="flops_per_second must be > 0"):
         analytic(model, x, flops_per_second=0)
     with pytest.raises(ValueError, match="needs at least one block"):
@@ -93,11 +93,11 @@ def test_a_loss_makes_the_last_block_cost_more_and_save_the_loss_activations():
     from mplib.train import lm_loss
 
     model, ids = GPT(TINY), torch.randint(0, 256, (2, 17))
-    plain = blocks(model, ids[:, :-1], repeats=1)
-    with_loss = blocks(model, ids[:, :-1], repeats=1, loss_fn=lm_loss, targets=ids[:, 1:])
+    plain = measure(model, ids[:, :-1], repeats=1)
+    with_loss = measure(model, ids[:, :-1], repeats=1, loss_fn=lm_loss, targets=ids[:, 1:])
     assert with_loss.activation_bytes[:-1] == plain.activation_bytes[:-1]
     # cross entropy saves its log-softmax: one float per logit, (B, T, vocab)
     assert with_loss.activation_bytes[-1] - plain.activation_bytes[-1] >= 2 * 16 * 256 * 4
     assert with_loss.boundary_bytes == plain.boundary_bytes
     with pytest.raises(ValueError, match="loss_fn and targets go together"):
-        blocks(model, ids[:, :-1], loss_fn=lm_loss)
+        measure(model, ids[:, :-1], loss_fn=lm_loss)
