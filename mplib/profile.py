@@ -17,11 +17,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mplib.layers import blocks as to_blocks
-from mplib.memory import SavedBytes
-
-# Optimizer state per parameter byte: Adam/AdamW keep two moments, SGD with momentum one.
-OPTIMIZER_STATE = {"adam": 2, "adamw": 2, "sgd": 1, "sgd-nomomentum": 0, None: 0}
-
+from mplib.memory import OPTIMIZER_STATES, SavedBytes, _param_bytes  # _param_bytes: the tied-weight rule
 
 @dataclass
 class BlockCosts:
@@ -30,7 +26,8 @@ class BlockCosts:
     Times are seconds per micro-batch (on the device profiled, speed 1.0); bytes are bytes.
     `activation_bytes` is what one micro-batch leaves saved for backward inside the block,
     `boundary_bytes` what its output weighs, i.e. what crosses a cut placed after it.
-    `grad_bytes` defaults to `param_bytes` (one gradient per parameter).
+    `grad_bytes` defaults to `param_bytes` (one gradient per parameter). A tied parameter counts
+    in the first block that uses it only, the block whose stage holds it.
 
     Example:
         costs = BlockCosts(forward=[1e-3, 2e-3], backward=[2e-3, 4e-3])
@@ -98,6 +95,15 @@ def _checked(name: str, values: Sequence[Any], n: int, kind: type) -> list:
     return [kind(v) for v in values]
 
 
+def _optimizer_states(optimizer: str | None) -> int:
+    """State tensors per parameter (`mplib.memory.OPTIMIZER_STATES`); None means "none" (plain SGD)."""
+    key = "none" if optimizer is None else optimizer
+    if key not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {sorted(OPTIMIZER_STATES)} ('sgd' is SGD with "
+                         "momentum, 'none' or None plain SGD without state)")
+    return OPTIMIZER_STATES[key]
+
+
 def measure(model: Any, sample_input: Any, device: torch.device | str = "cpu", repeats: int = 5,
            optimizer: str | None = "adam", loss_fn: Callable[[Any, Any], Tensor] | None = None,
            targets: Any = None) -> BlockCosts:
@@ -109,6 +115,8 @@ def measure(model: Any, sample_input: Any, device: torch.device | str = "cpu", r
     without the block's own parameters. The blocks are moved to `device`; their `.grad`s are
     left as they were. With `loss_fn(output, targets)` the last block is timed with the loss, as
     the last pipeline stage runs it (a vocabulary-wide loss is a real part of the head's cost).
+    A tied parameter counts in the first block that uses it (where `mplib.split` keeps it), as in
+    `mplib.memory`.
 
     Example:
         costs = mplib.profile.measure(model, x[:4], loss_fn=mplib.train.lm_loss, targets=y[:4])
@@ -116,8 +124,7 @@ def measure(model: Any, sample_input: Any, device: torch.device | str = "cpu", r
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    if optimizer not in OPTIMIZER_STATE:
-        raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZER_STATE)}")
+    states = _optimizer_states(optimizer)
     if (loss_fn is None) != (targets is None):
         raise ValueError("loss_fn and targets go together: give both (the last block is then timed with "
                          "its loss) or neither")
@@ -145,8 +152,8 @@ def measure(model: Any, sample_input: Any, device: torch.device | str = "cpu", r
     finally:
         for k, p in params.items():
             p.grad = saved_grads[k]
-    pbytes = [_param_bytes(m) for m in chain.modules]
-    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[OPTIMIZER_STATE[optimizer] * b for b in pbytes],
+    pbytes = _param_bytes(chain.modules, None)[0]  # a tied weight in the first block that uses it
+    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[states * b for b in pbytes],
                       names=chain.names, source="measured", device=str(dev))
 
 
@@ -197,10 +204,6 @@ def _output_bytes(out: Any) -> int:
     return sum(storages.values())
 
 
-def _param_bytes(mod: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in mod.parameters())
-
-
 def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: str | None = "adam",
              dtype: torch.dtype | None = None) -> BlockCosts:
     """Costs from counted FLOPs, computing nothing: seconds = FLOPs / `flops_per_second`.
@@ -218,8 +221,7 @@ def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: 
 
     if not flops_per_second > 0:
         raise ValueError(f"flops_per_second must be > 0 (e.g. 312e12 for an A100 in bf16), got {flops_per_second}")
-    if optimizer not in OPTIMIZER_STATE:
-        raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZER_STATE)}")
+    states = _optimizer_states(optimizer)
     chain = to_blocks(model)
     scale = torch.empty((), dtype=dtype).element_size() / 4 if dtype else 1  # bytes relative to float32
     cols: dict[str, list] = {k: [] for k in ("forward", "backward", "activation_bytes", "boundary_bytes", "flops")}
@@ -242,6 +244,6 @@ def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: 
                                    float(f + b))):
                 cols[k].append(v)
             x = (tree_map(lambda t: _leaf(t) if isinstance(t, Tensor) else t, out),)
-    pbytes = [int(_param_bytes(m) * scale) for m in chain.modules]
-    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[OPTIMIZER_STATE[optimizer] * b for b in pbytes],
+    pbytes = [int(b * scale) for b in _param_bytes(chain.modules, None)[0]]  # a tied weight in its first block
+    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[states * b for b in pbytes],
                       names=chain.names, source="analytic", device=f"{flops_per_second:.3g} FLOP/s")

@@ -3,9 +3,12 @@
 import pytest
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
+import mplib.memory
+from mplib.memory import OPTIMIZER_STATES
 from mplib.models.gpt import GPT, GPTConfig
-from mplib.profile import OPTIMIZER_STATE, BlockCosts, analytic, measure
+from mplib.profile import BlockCosts, analytic, measure
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -19,7 +22,8 @@ def test_tiny_gpt_blocks_have_positive_times_and_their_parameter_bytes():
     costs = measure(model, torch.randint(0, 256, (2, 16)), repeats=2)
     assert costs.names == ["embed", "h.0", "h.1", "head"] and costs.source == "measured"
     assert all(t > 0 for t in costs.forward + costs.backward)
-    want = [sum(p.numel() * 4 for p in b.parameters()) for b in model.blocks()]
+    blocks = model.blocks()
+    want = [sum(p.numel() * 4 for p in b.parameters()) for b in blocks[:3]] + [2 * 16 * 4]  # head: ln_f only
     assert costs.param_bytes == want and costs.optimizer_bytes == [2 * b for b in want]  # Adam: two moments
     assert costs.boundary_bytes[:3] == [2 * 16 * 16 * 4] * 3  # (B, T, C) float32 hidden states
     assert costs.boundary_bytes[3] == 2 * 16 * 256 * 4  # logits (B, T, vocab)
@@ -86,7 +90,6 @@ def test_bad_profiling_options_are_rejected():
         BlockCosts(forward=[1.0, 1.0], backward=[1.0, 1.0], names=["a"])
     with pytest.raises(ValueError, match=r"param_bytes\[0\] = -5"):
         BlockCosts(forward=[1.0], backward=[1.0], param_bytes=[-5])
-    assert set(OPTIMIZER_STATE) >= {"adam", "adamw", "sgd", None}
 
 
 def test_a_loss_makes_the_last_block_cost_more_and_save_the_loss_activations():
@@ -101,3 +104,44 @@ def test_a_loss_makes_the_last_block_cost_more_and_save_the_loss_activations():
     assert with_loss.boundary_bytes == plain.boundary_bytes
     with pytest.raises(ValueError, match="loss_fn and targets go together"):
         measure(model, ids[:, :-1], loss_fn=lm_loss)
+
+
+# --- tied weights: one owner, the first block that uses it -------------------------------------
+
+def test_our_gpt_charges_its_tied_embedding_to_the_embedding_block_only():
+    model, ids = GPT(TINY), torch.randint(0, 256, (2, 16))
+    unique = sum(p.numel() * 4 for p in model.parameters())  # parameters() names the tied weight once
+    assert unique == (256 * 16 + 16 * 16 + 2 * 3280 + 2 * 16) * 4  # wte, wpe, 2 layers, ln_f: 43,776 bytes
+    est = mplib.memory.estimate(model, batch=2, seq=16)
+    for costs in (measure(model, ids, repeats=1), analytic(model, ids, flops_per_second=1e12)):
+        assert sum(costs.param_bytes) == unique and sum(costs.grad_bytes) == unique
+        assert costs.param_bytes[0] == (256 * 16 + 16 * 16) * 4  # wte and wpe
+        assert costs.param_bytes[-1] == 2 * 16 * 4  # the head's ln_f; its lm_head.weight is wte
+        assert costs.optimizer_bytes[-1] == 2 * costs.param_bytes[-1]
+        assert costs.param_bytes == [b.params for b in est.per_block]  # the rule of mplib.memory
+
+
+def test_hf_gpt2_charges_its_tied_embedding_to_the_embedding_block_only():
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model, ids = GPT2LMHeadModel(config), torch.randint(0, 64, (2, 16))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    unique = sum(p.numel() * 4 for p in model.parameters())
+    for costs in (measure(model, ids, repeats=1), analytic(model, ids, flops_per_second=1e12)):
+        assert costs.names[-1] == "head" and sum(costs.param_bytes) == unique
+        assert costs.param_bytes[0] == (64 * 16 + 16 * 16) * 4  # wte and wpe
+        assert costs.param_bytes[-1] == 2 * 16 * 4  # ln_f; lm_head.weight is wte
+
+
+# --- one optimizer-state table ----------------------------------------------------------------
+
+def test_optimizer_state_bytes_follow_mplib_memory_table():
+    model, x = two_linears()
+    assert OPTIMIZER_STATES["sgd"] == 1  # SGD with momentum: one buffer per parameter
+    for name, states in [*OPTIMIZER_STATES.items(), (None, 0)]:
+        for costs in (measure(model, x, repeats=1, optimizer=name), analytic(model, x, 1e9, optimizer=name)):
+            assert costs.optimizer_bytes == [states * b for b in costs.param_bytes], name
+    assert measure(model, x, repeats=1, optimizer="adam").optimizer_bytes[0] == 2 * (8 * 16 + 16) * 4
+    for call in (lambda: measure(model, x, optimizer="lion"), lambda: analytic(model, x, 1e9, optimizer="lion")):
+        with pytest.raises(ValueError, match=r"optimizer 'lion' is not one of \['adam', 'adamw', 'none', 'sgd'\]"):
+            call()
