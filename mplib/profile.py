@@ -1,15 +1,18 @@
 """Per-block costs: forward/backward seconds, parameter, optimizer, activation and boundary bytes.
 
-`measure` times them by running each block; `analytic` counts FLOPs instead (no compute,
-under FakeTensorMode) for models too large to run; `BlockCosts(...)` takes your own numbers.
+`measure` times each block on a worker as a pipeline runs it; `analytic` counts FLOPs instead (no
+compute, under FakeTensorMode) for models too large to run; `BlockCosts(...)` takes your own numbers.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,6 +21,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from mplib.layers import blocks as to_blocks
 from mplib.memory import OPTIMIZER_STATES, SavedBytes, _param_bytes  # _param_bytes: the tied-weight rule
+
+Device = torch.device | str
+LossFn = Callable[[Any, Any], Tensor]
+
 
 @dataclass
 class BlockCosts:
@@ -104,67 +111,100 @@ def _optimizer_states(optimizer: str | None) -> int:
     return OPTIMIZER_STATES[key]
 
 
-def measure(model: Any, sample_input: Any, device: torch.device | str = "cpu", repeats: int = 5,
-           optimizer: str | None = "adam", loss_fn: Callable[[Any, Any], Tensor] | None = None,
-           targets: Any = None) -> BlockCosts:
-    """Measure each block: run it on `device`, fed by the previous block's output.
+def measure(model: Any, sample_input: Any, devices: Device | Sequence[Device] = "cpu", repeats: int = 5,
+            optimizer: str | None = "adam", loss_fn: LossFn | None = None, targets: Any = None, *,
+            threads_per_worker: int | None = None) -> BlockCosts:
+    """Measure each block as a pipeline over `devices` runs it: on a worker, beside the others' work.
 
-    `sample_input` is one micro-batch for block 0 (a tensor, or a tuple of its positional
-    inputs). Times are medians over `repeats` runs after one warm-up; activation bytes are the
-    tensors autograd saves for backward (saved_tensors_hooks), counted once per storage and
-    without the block's own parameters. The blocks are moved to `device`; their `.grad`s are
-    left as they were. With `loss_fn(output, targets)` the last block is timed with the loss, as
-    the last pipeline stage runs it (a vocabulary-wide loss is a real part of the head's cost).
-    A tied parameter counts in the first block that uses it (where `mplib.split` keeps it), as in
-    `mplib.memory`.
+    As in `mplib.pipeline.Pipeline`, every device gets a long-lived worker thread with
+    `threads_per_worker` intra-op threads (None: torch's default). Worker 0 runs the blocks in
+    turn on `devices[0]`, each fed by the previous block's output (`sample_input`: one micro-batch
+    for block 0, a tensor or a tuple of its positional inputs); meanwhile every other worker trains
+    a copy of the whole model on its device, micro-batch after micro-batch, from before the first
+    block is timed until the last one is done. With `loss_fn(output, targets)` the last block is
+    timed with its loss, as the last stage runs it. Times are medians of `repeats` runs after a
+    warm-up. With one device each block runs alone. Blocks move to `devices[0]`; `.grad`s are kept.
+
+    Why a steady load beside each block rather than whole stages timed inside a real pipeline step:
+    what slows a block is what runs beside it (on CPU stand-ins: shared cores, caches and memory
+    bandwidth, page faults on big gradients, the GIL), and inside a real step that is the profiled
+    split's neighbours and bubbles. A stage that waits for a slower one runs its blocks beside
+    constant work, so they look slower than the same blocks on the slow stage and the costs favour
+    the split they were measured under. The whole model on every other worker is one load for all
+    blocks, and near what a balanced pipeline (the one a partitioner looks for) runs beside a stage.
+
+    Bytes: activations are the tensors autograd saves for backward (saved_tensors_hooks, per
+    thread: the load is not counted), once per storage, without the block's parameters; a tied
+    parameter counts in the first block that uses it (where `mplib.split` keeps it), as in `mplib.memory`.
 
     Example:
-        costs = mplib.profile.measure(model, x[:4], loss_fn=mplib.train.lm_loss, targets=y[:4])
-        print(costs)
+        costs = mplib.profile.measure(model, x[:4], ["cpu", "cpu"], loss_fn=mplib.train.lm_loss,
+                                      targets=y[:4], threads_per_worker=1)
     """
+    from mplib.worker import Workers
+
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     states = _optimizer_states(optimizer)
     if (loss_fn is None) != (targets is None):
         raise ValueError("loss_fn and targets go together: give both (the last block is then timed with "
                          "its loss) or neither")
-    dev = torch.device(device)
+    devs = [torch.device(d) for d in ([devices] if isinstance(devices, (str, torch.device)) else devices)]
+    if not devs:
+        raise ValueError("devices is empty; give the device(s) the pipeline will run on, e.g. ['cpu', 'cpu']")
     chain = to_blocks(model)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    load = _Load(chain.modules, devs[1:], sample_input, loss_fn, targets)
     params = {id(p): p for m in chain.modules for p in m.parameters()}
     saved_grads = {k: p.grad for k, p in params.items()}
     for p in params.values():
         p.grad = None  # backward would accumulate into an existing .grad in place
-    cols: dict[str, list] = {k: [] for k in ("forward", "backward", "activation_bytes", "boundary_bytes")}
-    x = _as_args(sample_input)
+    cols: dict[str, list] = {}
+    workers = Workers(len(devs), name="profile")
     try:
-        for b, mod in enumerate(chain.modules):
+        timed = partial(_time_blocks, chain.modules, devs[0], sample_input, repeats, loss_fn, targets, load, cols)
+        workers.run([partial(_on_worker, threads_per_worker, timed)]
+                    + [partial(_on_worker, threads_per_worker, load.run, w) for w in range(len(devs) - 1)],
+                    abort=load.stop)  # Ctrl-C stops the load, and the timing at the next block
+    finally:
+        workers.close()
+        for k, p in params.items():
+            p.grad = saved_grads[k]
+    pbytes = _param_bytes(chain.modules, None)[0]
+    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[states * b for b in pbytes],
+                      names=chain.names, source="measured", device=str(devs[0]))
+
+
+def _on_worker(threads: int | None, task: Callable[..., None], *args: Any) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)  # per thread, as each of Pipeline's workers sets its own
+    task(*args)
+
+
+def _time_blocks(mods: list[nn.Module], dev: torch.device, sample_input: Any, repeats: int,
+                 loss_fn: LossFn | None, targets: Any, load: "_Load", cols: dict[str, list]) -> None:
+    """Worker 0's task: time each block in turn once the load runs; stop the load when done."""
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for k in ("forward", "backward", "activation_bytes", "boundary_bytes"):
+        cols[k] = []
+    try:
+        load.wait_until_running()
+        x = _as_args(sample_input)
+        for b, mod in enumerate(mods):
+            if load.stopped:
+                return  # interrupted: the caller raises
             mod.to(dev)
             x = tree_map(lambda t: _leaf(t.to(dev)) if isinstance(t, Tensor) else t, x)
             finish = None
-            if loss_fn is not None and b == len(chain) - 1:
+            if loss_fn is not None and b == len(mods) - 1:
                 tgt = tree_map(lambda t: t.to(dev) if isinstance(t, Tensor) else t, targets)
                 finish = lambda out: loss_fn(out, tgt)  # noqa: E731
             out, fwd, bwd, act = _measure(mod, x, repeats, sync, finish)
-            for k, v in zip(cols, (fwd, bwd, act, _output_bytes(out))):
+            for k, v in zip(("forward", "backward", "activation_bytes", "boundary_bytes"),
+                            (fwd, bwd, act, _output_bytes(out))):
                 cols[k].append(v)
             x = (tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out),)
     finally:
-        for k, p in params.items():
-            p.grad = saved_grads[k]
-    pbytes = _param_bytes(chain.modules, None)[0]  # a tied weight in the first block that uses it
-    return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[states * b for b in pbytes],
-                      names=chain.names, source="measured", device=str(dev))
-
-
-def _as_args(sample_input: Any) -> tuple:
-    return tuple(sample_input) if isinstance(sample_input, (tuple, list)) else (sample_input,)
-
-
-def _leaf(t: Tensor) -> Tensor:
-    """A fresh graph input: floating tensors require grad so backward reaches the block's input."""
-    t = t.detach()
-    return t.requires_grad_(True) if t.is_floating_point() else t
+        load.stop()
 
 
 def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None],
@@ -183,11 +223,7 @@ def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]
             loss = finish(out) if finish is not None else None
         sync()
         t1 = time.perf_counter()
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
-        if loss is not None:
-            loss.backward()
-        elif outs:
-            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        _backward(out, loss)
         sync()
         t2 = time.perf_counter()
         if r > 0:  # run 0 warms up caches and allocators
@@ -195,6 +231,75 @@ def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]
             bwd.append(t2 - t1)
             act = saved.bytes
     return out, statistics.median(fwd), statistics.median(bwd), act
+
+
+def _backward(out: Any, loss: Tensor | None, inputs: Sequence[Tensor] | None = None) -> None:
+    """Backward from `loss`, else from every output that requires grad (gradient one); with `inputs`,
+    their gradients are returned and not accumulated into `.grad`."""
+    roots = [loss] if loss is not None else [t for t in tree_flatten(out)[0]
+                                             if isinstance(t, Tensor) and t.requires_grad]
+    if not roots:
+        return
+    grads = [torch.ones_like(t) for t in roots]
+    if inputs is None:
+        torch.autograd.backward(roots, grads)
+    else:
+        torch.autograd.grad(roots, inputs, grads, allow_unused=True)
+
+
+class _Load:
+    """The other workers' work while blocks are timed: each trains a copy of the whole model.
+
+    One copy per device (its workers share it), so the model's parameters, buffers and `.grad`s
+    stay out of it; gradients are computed and dropped (autograd.grad), so workers that share a
+    copy never write to one tensor. The copy costs the model's memory once more on each device.
+    """
+
+    def __init__(self, mods: list[nn.Module], devices: list[torch.device], sample_input: Any,
+                 loss_fn: LossFn | None, targets: Any) -> None:
+        self.devices, self.loss_fn = devices, loss_fn
+        self._copies = {d: [m.to(d) for m in copy.deepcopy(mods)] for d in dict.fromkeys(devices)}
+        self._inputs = {d: tree_map(lambda t: t.to(d) if isinstance(t, Tensor) else t,
+                                    (_as_args(sample_input), targets)) for d in self._copies}
+        self._running = [threading.Event() for _ in devices]
+        self._stop = threading.Event()
+
+    def run(self, w: int) -> None:
+        """Worker w+1's task: train micro-batch after micro-batch until `stop`."""
+        dev = self.devices[w]
+        mods, (x, tgt) = self._copies[dev], self._inputs[dev]
+        params = list({id(p): p for m in mods for p in m.parameters() if p.requires_grad}.values())
+        try:
+            while not self.stopped:
+                out = mods[0](*x)
+                for mod in mods[1:]:
+                    out = mod(out)
+                loss = self.loss_fn(out, tgt) if self.loss_fn is not None else None
+                _backward(out, loss, params)
+                self._running[w].set()  # one step done: from now on it runs at its steady pace
+        finally:
+            self._running[w].set()  # also when it failed: nobody waits for it forever
+
+    def wait_until_running(self) -> None:
+        for event in self._running:
+            event.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+
+def _as_args(sample_input: Any) -> tuple:
+    return tuple(sample_input) if isinstance(sample_input, (tuple, list)) else (sample_input,)
+
+
+def _leaf(t: Tensor) -> Tensor:
+    """A fresh graph input: floating tensors require grad so backward reaches the block's input."""
+    t = t.detach()
+    return t.requires_grad_(True) if t.is_floating_point() else t
 
 
 def _output_bytes(out: Any) -> int:

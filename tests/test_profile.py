@@ -1,5 +1,7 @@
 """mplib.profile: measured and counted per-block costs, byte counts exact, bad input refused."""
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ import mplib.memory
 from mplib.memory import OPTIMIZER_STATES
 from mplib.models.gpt import GPT, GPTConfig
 from mplib.profile import BlockCosts, analytic, measure
+from mplib.train import lm_loss
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -40,10 +43,11 @@ def test_linear_stack_bytes_are_counted_exactly():
     assert costs.boundary_bytes == [3 * 16 * 4, 3 * 4 * 4]
 
 
-def test_profiling_leaves_existing_gradients_untouched():
+@pytest.mark.parametrize("devices", ["cpu", ["cpu", "cpu"]])
+def test_profiling_leaves_existing_gradients_untouched(devices):
     model, x = two_linears()
     model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
-    measure(model, x, repeats=1)
+    measure(model, x, devices, repeats=1)
     assert model[1].weight.grad is None
     torch.testing.assert_close(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
 
@@ -93,8 +97,6 @@ def test_bad_profiling_options_are_rejected():
 
 
 def test_a_loss_makes_the_last_block_cost_more_and_save_the_loss_activations():
-    from mplib.train import lm_loss
-
     model, ids = GPT(TINY), torch.randint(0, 256, (2, 17))
     plain = measure(model, ids[:, :-1], repeats=1)
     with_loss = measure(model, ids[:, :-1], repeats=1, loss_fn=lm_loss, targets=ids[:, 1:])
@@ -104,6 +106,100 @@ def test_a_loss_makes_the_last_block_cost_more_and_save_the_loss_activations():
     assert with_loss.boundary_bytes == plain.boundary_bytes
     with pytest.raises(ValueError, match="loss_fn and targets go together"):
         measure(model, ids[:, :-1], loss_fn=lm_loss)
+
+
+# --- as the pipeline runs them: worker threads, intra-op threads, a load beside each block ----------
+
+class Probe(nn.Module):
+    """A Linear that notes, on each forward and backward, its tag, whether it is the profiled block or the
+    load's copy of it (a copy has another id), the thread it runs on and that thread's intra-op threads."""
+
+    def __init__(self, runs: list, tag: str = "") -> None:
+        super().__init__()
+        self.lin, self.origin, self.runs, self.tag = nn.Linear(8, 8), id(self), runs, tag  # copies share `runs`
+
+    def note(self, kind: str) -> None:
+        self.runs.append((kind + self.tag, self.origin == id(self), threading.current_thread(),
+                          torch.get_num_threads()))
+
+    def forward(self, x):
+        self.note("F")
+        y = self.lin(x)
+        y.register_hook(lambda grad: self.note("B"))
+        return y
+
+    def __deepcopy__(self, memo):
+        twin = type(self)(self.runs, self.tag)
+        twin.lin.load_state_dict(self.lin.state_dict())
+        twin.origin = self.origin  # a copy of the profiled block, not it
+        return twin
+
+
+def test_every_block_is_timed_on_a_worker_with_threads_per_worker_intra_op_threads():
+    runs: list = []
+    model, caller = nn.Sequential(Probe(runs), Probe(runs)), torch.get_num_threads()
+    want = 1 if caller > 1 else 2  # unlike the caller's, so a worker that kept the caller's count shows
+    measure(model, torch.randn(3, 8), ["cpu", "cpu"], repeats=2, threads_per_worker=want)
+    timed = [r for r in runs if r[1]]
+    assert sorted(k for k, *_ in timed) == ["B"] * 6 + ["F"] * 6  # 2 blocks x (warm-up + 2 runs)
+    assert {r[3] for r in runs} == {want} and torch.get_num_threads() == caller
+    workers = {r[2] for r in runs}
+    assert len({r[2] for r in timed}) == 1 and len(workers) == 2 and threading.current_thread() not in workers
+    for thread in workers:  # the workers do not outlive the call
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+_LOAD_CALLS: dict = {}  # thread -> forwards the load ran there
+_LOAD_RAN = threading.Condition()
+
+
+class LoadWitness(Probe):
+    """A Probe whose profiled forward returns only once every load worker has begun a forward since it began."""
+
+    def forward(self, x):
+        me = threading.current_thread()
+        with _LOAD_RAN:
+            if self.origin != id(self):  # the load's copy
+                _LOAD_CALLS[me] = _LOAD_CALLS.get(me, 0) + 1
+                _LOAD_RAN.notify_all()
+            else:
+                start = {t: n for t, n in _LOAD_CALLS.items() if t is not me}
+                ran = _LOAD_RAN.wait_for(lambda: len(_LOAD_CALLS) == 2 and all(
+                    _LOAD_CALLS[t] > start.get(t, 0) for t in _LOAD_CALLS), timeout=10)
+                self.runs.append(ran)
+        return self.lin(x)
+
+def test_the_other_workers_run_the_model_while_each_block_is_timed():
+    _LOAD_CALLS.clear()
+    seen: list = []
+    model = nn.Sequential(LoadWitness(seen), LoadWitness(seen))
+    measure(model, torch.randn(3, 8), ["cpu", "cpu", "cpu"], repeats=2, threads_per_worker=1)
+    assert seen == [True] * 6  # every timed forward of both blocks had both load workers running beside it
+
+
+def test_the_loss_runs_inside_the_last_block_on_the_timed_worker():
+    runs: list = []
+    model = nn.Sequential(Probe(runs, "0"), Probe(runs, "1"))
+
+    def loss(output, targets):
+        runs.append(("L", None, threading.current_thread(), None))
+        return (output - targets).pow(2).mean()
+
+    measure(model, torch.randn(3, 8), ["cpu", "cpu"], repeats=2, loss_fn=loss, targets=torch.zeros(3, 8))
+    timed = next(r[2] for r in runs if r[1])
+    # each block timed in turn (warm-up + 2 runs); the loss between the last block's forward and its backward
+    assert [r[0] for r in runs if r[2] is timed] == ["F0", "B0"] * 3 + ["F1", "L", "B1"] * 3
+    assert any(r[0] == "L" and r[2] is not timed for r in runs)  # the load trains with the loss too
+
+
+def test_the_load_beside_a_block_is_not_counted_in_its_bytes():
+    model, ids = GPT(TINY), torch.randint(0, 256, (2, 17))
+    alone = measure(model, ids[:, :-1], repeats=1, loss_fn=lm_loss, targets=ids[:, 1:])
+    beside = measure(model, ids[:, :-1], ["cpu", "cpu"], repeats=1, loss_fn=lm_loss, targets=ids[:, 1:])
+    assert beside.activation_bytes[1] > 0 and beside.device == "cpu"
+    for field in ("param_bytes", "activation_bytes", "boundary_bytes", "optimizer_bytes"):
+        assert getattr(beside, field) == getattr(alone, field), field
 
 
 # --- tied weights: one owner, the first block that uses it -------------------------------------
