@@ -67,6 +67,7 @@ _KIND_STYLE = {  # kind -> (hatch, lightness mix toward white, bar height)
     "recompute": ("///", 0.2, 0.8),
     "copy": ("...", 0.6, 0.4),
     "optimizer": ("xx", 0.0, 0.8),
+    "collective": ("\\\\", 0.75, 0.5),  # tensor-parallel all-reduce / all-gather / reduce-scatter
     "other": ("", 0.3, 0.8),
 }
 

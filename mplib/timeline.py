@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-KINDS = ("forward", "backward", "recompute", "copy", "optimizer", "other")
+KINDS = ("forward", "backward", "recompute", "copy", "optimizer", "collective", "other")
 
 
 @dataclass(frozen=True)
