@@ -120,9 +120,9 @@ def measure(model: Any, sample_input: Any, devices: Device | Sequence[Device] = 
     `threads_per_worker` intra-op threads (None: torch's default). Worker 0 runs the blocks in
     turn on `devices[0]`, each fed by the previous block's output (`sample_input`: one micro-batch
     for block 0, a tensor or a tuple of its positional inputs); meanwhile every other worker trains
-    a copy of the whole model on its device, micro-batch after micro-batch, from before the first
-    block is timed until the last one is done. With `loss_fn(output, targets)` the last block is
-    timed with its loss, as the last stage runs it. Times are medians of `repeats` runs after a
+    its own copy of the whole model on its device, micro-batch after micro-batch, from before the
+    first block is timed until the last one is done. With `loss_fn(output, targets)` the last block
+    is timed with its loss, as the last stage runs it. Times are medians of `repeats` runs after a
     warm-up. With one device each block runs alone. Blocks move to `devices[0]`; `.grad`s are kept.
 
     Why a steady load beside each block rather than whole stages timed inside a real pipeline step:
@@ -233,49 +233,41 @@ def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None]
     return out, statistics.median(fwd), statistics.median(bwd), act
 
 
-def _backward(out: Any, loss: Tensor | None, inputs: Sequence[Tensor] | None = None) -> None:
-    """Backward from `loss`, else from every output that requires grad (gradient one); with `inputs`,
-    their gradients are returned and not accumulated into `.grad`."""
+def _backward(out: Any, loss: Tensor | None) -> None:
+    """Backward from `loss`, else from every output that requires grad (with gradient one)."""
     roots = [loss] if loss is not None else [t for t in tree_flatten(out)[0]
                                              if isinstance(t, Tensor) and t.requires_grad]
-    if not roots:
-        return
-    grads = [torch.ones_like(t) for t in roots]
-    if inputs is None:
-        torch.autograd.backward(roots, grads)
-    else:
-        torch.autograd.grad(roots, inputs, grads, allow_unused=True)
+    if roots:
+        torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
 
 
 class _Load:
-    """The other workers' work while blocks are timed: each trains a copy of the whole model.
+    """The other workers' work while blocks are timed: each trains its own copy of the whole model.
 
-    One copy per device (its workers share it), so the model's parameters, buffers and `.grad`s
-    stay out of it; gradients are computed and dropped (autograd.grad), so workers that share a
-    copy never write to one tensor. The copy costs the model's memory once more on each device.
+    Its own, as each pipeline stage owns its parameters and gradients: the backward accumulates
+    into the copy's `.grad`s, allocating and freeing what a stage's backward does (on CPU, big
+    gradients fault fresh pages in), and the model's own parameters, buffers and `.grad`s stay out
+    of it. Each copy costs the model's parameters and gradients once more.
     """
 
     def __init__(self, mods: list[nn.Module], devices: list[torch.device], sample_input: Any,
                  loss_fn: LossFn | None, targets: Any) -> None:
-        self.devices, self.loss_fn = devices, loss_fn
-        self._copies = {d: [m.to(d) for m in copy.deepcopy(mods)] for d in dict.fromkeys(devices)}
-        self._inputs = {d: tree_map(lambda t: t.to(d) if isinstance(t, Tensor) else t,
-                                    (_as_args(sample_input), targets)) for d in self._copies}
+        self.loss_fn = loss_fn
+        self._copies = [[m.to(d) for m in copy.deepcopy(mods)] for d in devices]
+        self._inputs = [tree_map(lambda t: t.to(d) if isinstance(t, Tensor) else t, (_as_args(sample_input), targets))
+                        for d in devices]
         self._running = [threading.Event() for _ in devices]
         self._stop = threading.Event()
 
     def run(self, w: int) -> None:
         """Worker w+1's task: train micro-batch after micro-batch until `stop`."""
-        dev = self.devices[w]
-        mods, (x, tgt) = self._copies[dev], self._inputs[dev]
-        params = list({id(p): p for m in mods for p in m.parameters() if p.requires_grad}.values())
+        mods, (x, tgt) = self._copies[w], self._inputs[w]
         try:
             while not self.stopped:
                 out = mods[0](*x)
                 for mod in mods[1:]:
                     out = mod(out)
-                loss = self.loss_fn(out, tgt) if self.loss_fn is not None else None
-                _backward(out, loss, params)
+                _backward(out, self.loss_fn(out, tgt) if self.loss_fn is not None else None)
                 self._running[w].set()  # one step done: from now on it runs at its steady pace
         finally:
             self._running[w].set()  # also when it failed: nobody waits for it forever
