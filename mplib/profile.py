@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from mplib.layers import blocks as to_blocks
 from mplib.memory import OPTIMIZER_STATES, SavedBytes, _param_bytes  # _param_bytes: the tied-weight rule
+from mplib.worker import Workers
 
 Device = torch.device | str
 LossFn = Callable[[Any, Any], Tensor]
@@ -141,8 +142,6 @@ def measure(model: Any, sample_input: Any, devices: Device | Sequence[Device] = 
         costs = mplib.profile.measure(model, x[:4], ["cpu", "cpu"], loss_fn=mplib.train.lm_loss,
                                       targets=y[:4], threads_per_worker=1)
     """
-    from mplib.worker import Workers
-
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     states = _optimizer_states(optimizer)
