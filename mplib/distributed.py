@@ -1,7 +1,8 @@
 """Several processes on this machine under torch.distributed: `launch(fn, nprocs)` runs and bounds them.
 
-Each process is spawned fresh (torch.multiprocessing), joins a gloo process group on 127.0.0.1
-(a free port, a timeout on every collective), runs `fn(rank, world_size, *args)` and sends its
+Each process is spawned fresh (torch.multiprocessing), joins a gloo process group through a
+TCPStore that this process serves on 127.0.0.1 (a port the OS picks free when it binds, so no
+other job can take it in between; a timeout on every collective), runs `fn(rank, world_size, *args)` and sends its
 return value back. A rank that raises or dies ends the whole job within `grace` seconds, and the
 whole job ends by `timeout`: `launch` raises naming the rank and why, and never hangs.
 """
@@ -13,7 +14,6 @@ import io
 import multiprocessing.connection
 import pickle
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
@@ -29,13 +29,6 @@ class LaunchError(RuntimeError):
     def __init__(self, message: str, rank: int | None) -> None:
         super().__init__(message)
         self.rank = rank
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the OS picks one; it could be taken again before use)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120.0, backend: str = "gloo",
@@ -56,7 +49,9 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
     _check_importable(fn)
     ctx = mp.get_context("spawn")
-    inbox, port, got, errors = ctx.Queue(), free_port(), {}, {}
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=timeout),
+                          wait_for_workers=False)  # port 0: the OS picks a free one as it binds
+    inbox, port, got, errors = ctx.Queue(), store.port, {}, {}
     procs = [ctx.Process(target=_worker, args=(r, fn, args, nprocs, port, backend, timeout, threads, inbox),
                          name=f"rank-{r}", daemon=True) for r in range(nprocs)]
     deadline = time.monotonic() + timeout
@@ -80,6 +75,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120
     finally:
         _stop(procs, grace)
         inbox.close()
+        del store
     missing = [r for r in range(nprocs) if r not in got]
     if missing:
         raise LaunchError(f"ranks {missing} exited without sending a result", missing[0])
@@ -91,7 +87,8 @@ def _worker(rank: int, fn: Callable[..., Any], args: tuple, world: int, port: in
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         out = fn(rank, world, *args)
     except BaseException as exc:  # noqa: BLE001 - reported (with the time, to find the first) before the group closes

@@ -120,7 +120,8 @@ def parallelize(model: nn.Module, group_or_devices: Group | Any | Sequence[Devic
         raise ValueError("sequence_parallel=True needs a model whose transformer layers the plan knows; "
                          "a plan given by hand has none: parallelize it without sequence_parallel")
     if the_plan.padded and the_plan.padded != the_plan.vocab:
-        warnings.warn(f"the vocabulary of {the_plan.vocab} tokens is not a multiple of T={T} (x {vocab_multiple}): "
+        multiple = f"T={T}" if vocab_multiple == 1 else f"T x vocab_multiple = {T * vocab_multiple}"
+        warnings.warn(f"the vocabulary of {the_plan.vocab} tokens is not a multiple of {multiple}: "
                       f"padded to {the_plan.padded} rows as Megatron-LM does; the {the_plan.padded - the_plan.vocab} "
                       "padding rows are zeros that no token looks up, and they are cut from the logits and the "
                       "loss, so outputs equal the unpadded model's", stacklevel=2)

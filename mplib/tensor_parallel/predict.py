@@ -73,11 +73,12 @@ def simulate(forward: Sequence[float], backward: Sequence[float], collectives: S
         pieces = max(len(comm), 1)
         for i in range(pieces):
             for lane in range(len(names)):
-                tl.add(lane, phase, t, t + compute / pieces, stage=layer)
+                tl.add(lane, phase, t, t + compute / pieces, microbatch=0, stage=layer)
             t += compute / pieces
             if i < len(comm):
                 dt = collective_seconds(comm[i], link)
                 for lane in range(len(names)):
-                    tl.add(lane, "collective", t, t + dt, stage=layer, label=f"{comm[i].kind} layer {layer}")
+                    tl.add(lane, "collective", t, t + dt, microbatch=0, stage=layer,
+                           label=f"{comm[i].kind} layer {layer}")
                 t += dt
     return tl

@@ -53,7 +53,8 @@ class Trace:
                 self._span(rank, c.phase, start)
                 lane = self._lane_of[rank]
                 t0 = self.timeline.t0
-                self.timeline.add(lane, "collective", start - t0, max(end, start) - t0, label=f"{c.kind} {c.label}")
+                self.timeline.add(lane, "collective", start - t0, max(end, start) - t0, microbatch=0,
+                                  label=f"{c.kind} {c.label}")
                 self._mark[rank], self._phase[rank] = end, c.phase
             if c.phase == "backward" and not self._backward_pending:
                 self._backward_pending = True  # close the last backward span when autograd finishes
@@ -71,7 +72,7 @@ class Trace:
         start = self._mark.pop(rank, None)
         if start is not None and until > start:
             t0 = self.timeline.t0
-            self.timeline.add(self._lane_of[rank], kind, start - t0, until - t0)
+            self.timeline.add(self._lane_of[rank], kind, start - t0, until - t0, microbatch=0)  # one batch per step
 
     def counts(self, phase: str | None = None) -> Counter:
         """Collectives by (phase, kind), or by kind for one `phase`."""
@@ -127,8 +128,9 @@ def trace(model_or_group: nn.Module | Group | LocalGroup, t0: float | None = Non
 
 
 def merge(timelines: Sequence[Timeline]) -> Timeline:
-    """One timeline with the lanes of several (e.g. one per process), placed on the earliest's clock."""
-    base = min(tl.t0 for tl in timelines)
+    """One timeline with the lanes of several (e.g. one per process, on one clock), starting at the
+    first event of any of them."""
+    base = min(tl.t0 + tl.start for tl in timelines if tl.events)
     out = Timeline(lanes=[lane for tl in timelines for lane in tl.lanes], source=timelines[0].source, t0=base)
     offset = 0
     for tl in timelines:
