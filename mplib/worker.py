@@ -1,10 +1,6 @@
 """Long-lived worker threads, one per device, that run the parts of a pipeline step side by side.
 
-Why not a fresh thread per step: on CPU its first allocations fault fresh pages in. On the
-benchmark GPT (benchmarks/bench_pipeline.py) a step cost about 24,000 minor page faults with new
-threads and 100 to 3,700 with workers that live as long as the pipeline, and the pipeline's
-speed-up over the naive split went from 1.29x to 1.42x. Workers also keep per-thread state (the
-current CUDA device) from step to step.
+Threads that outlive a step keep their memory pages and per-thread state (the current CUDA device).
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ import threading
 from typing import Callable, Sequence
 
 Task = Callable[[], None]
+_POLL_S = 0.1  # the caller waits in slices: a Ctrl-C that lands just before a blocking wait still gets through
 
 
 class Workers:
@@ -29,9 +26,13 @@ class Workers:
         if n < 1:
             raise ValueError(f"Workers needs at least one thread, got n={n}")
         self._inboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n)]
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self.threads = [threading.Thread(target=_serve, args=(box, self._done), daemon=True, name=f"{name}-{w}")
-                        for w, box in enumerate(self._inboxes)]
+        # set while worker w has no task: the workers keep this state, so an interrupted caller cannot lose it
+        self._idle = [threading.Event() for _ in range(n)]
+        self._errors: list[BaseException | None] = [None] * n
+        for idle in self._idle:
+            idle.set()
+        self.threads = [threading.Thread(target=_serve, args=(w, box, self._idle[w], self._errors), daemon=True,
+                                         name=f"{name}-{w}") for w, box in enumerate(self._inboxes)]
         for t in self.threads:
             t.start()
 
@@ -48,21 +49,19 @@ class Workers:
         """
         if len(tasks) != len(self):
             raise ValueError(f"{len(tasks)} tasks for {len(self)} workers; give one task per worker")
-        for box, task in zip(self._inboxes, tasks):
+        _wait(self._idle)  # a run left by a second Ctrl-C: its tasks end before new ones start
+        for box, idle, task in zip(self._inboxes, self._idle, tasks):
+            idle.clear()
             box.put(task)
-        pending, errors = len(tasks), []
         try:
-            while pending:
-                err = self._done.get()
-                pending -= 1
-                if err is not None:
-                    errors.append(err)
+            _wait(self._idle)
         except BaseException:
             if abort is not None:
                 abort()
-            for _ in range(pending):
-                self._done.get()
+            _wait(self._idle)
             raise
+        errors = [e for e in self._errors if e is not None]
+        self._errors[:] = [None] * len(self)  # hold no exception (nor the frames of its traceback) between runs
         if errors:
             raise errors[0]
 
@@ -72,12 +71,17 @@ class Workers:
             box.put(None)
 
 
-def _serve(inbox: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
+def _wait(events: list[threading.Event]) -> None:
+    for event in events:
+        while not event.wait(_POLL_S):
+            pass
+
+
+def _serve(w: int, inbox: queue.SimpleQueue, idle: threading.Event, errors: list) -> None:
     while (task := inbox.get()) is not None:
         try:
             task()
         except BaseException as exc:  # noqa: BLE001 - reaches the caller of run, never lost
-            done.put(exc)
-        else:
-            done.put(None)
+            errors[w] = exc
         task = None  # hold no reference between steps: the pipeline behind it can be collected
+        idle.set()

@@ -3,6 +3,8 @@
 import copy
 import gc
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -81,6 +83,29 @@ def test_an_interrupted_caller_aborts_the_tasks_and_waits_for_them_before_raisin
         workers.run([interrupting, waiting], abort=stop.set)
     assert stop.is_set() and sorted(finished) == [0, 1]  # both ended before the interruption went on
     workers.close()
+
+
+CTRL_C_WHILE_A_TASK_ENDS = """
+import signal, threading
+from mplib.worker import Workers
+workers, main = Workers(2), threading.main_thread().ident
+for _ in range(40):
+    stop = threading.Event()
+    try:
+        # task 0 presses Ctrl-C and ends at once: its end and the interrupt reach the caller together
+        workers.run([lambda: signal.pthread_kill(main, signal.SIGINT), lambda: stop.wait(5)], abort=stop.set)
+    except KeyboardInterrupt:
+        pass
+print("no hang")
+"""
+
+
+def test_a_ctrl_c_that_arrives_as_a_task_ends_loses_no_task_and_never_hangs():
+    # a caller that counted finished tasks off a queue could drop one taken just as the interrupt was raised,
+    # then wait forever for it; run in a child process so that a hang is a failure, not a stuck test run
+    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_A_TASK_ENDS], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "no hang" in done.stdout, done.stderr
 
 
 # -- the pipeline's workers -----------------------------------------------------------------------
