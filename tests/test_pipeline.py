@@ -1,9 +1,12 @@
 """The in-process pipeline: same loss and gradients as one device, counted memory, errors that surface."""
 
 import copy
+import gc
 import json
 import threading
 import traceback
+import types
+import weakref
 
 import pytest
 import torch
@@ -392,3 +395,105 @@ def test_a_failing_or_non_scalar_gathered_loss_surfaces_as_an_error_naming_the_l
     pipe = Pipeline(sm, chunks=2, loss_fn=broken, loss_on="gathered")
     exc = raise_within_seconds(lambda: pipe.step(*batch(4)))
     assert isinstance(exc, PipelineError) and "gathered output failed on stage 1: RuntimeError: boom" in str(exc)
+
+
+# -- lifetime: hooks, threads and the tensors of a step ---------------------------------------------
+
+def mse(out, y):
+    return (out - y).pow(2).mean()
+
+
+def reachable(root):
+    """Every object reachable from `root` through instances and containers (not modules, classes, functions)."""
+    seen, todo = {}, [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type, types.FunctionType, types.CodeType)):
+            continue
+        seen[id(obj)] = obj
+        todo.extend(gc.get_referents(obj))
+    return list(seen.values())
+
+
+def shares_memory(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def no_hooks(module):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+def test_a_deleted_pipeline_is_freed_and_its_workers_end_while_its_split_model_lives_on():
+    sm = split(GPT(GPT_SMALL), ["cpu", "cpu"])
+    pipe = Pipeline(sm, chunks=2, checkpoint="except_last", loss_fn=lm_loss)  # checkpointing: recompute hooks
+    pipe.step(*batch(4))
+    alive, threads = weakref.ref(pipe), pipe._workers.threads
+    assert all(t.is_alive() for t in threads)
+    del pipe
+    gc.collect()
+    assert alive() is None  # the stages of `sm` hold nothing of it
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+
+
+def test_five_pipelines_built_on_one_split_model_and_deleted_leave_no_hooks_and_no_threads():
+    sm, before = split(GPT(GPT_SMALL), ["cpu", "cpu"]), set(threading.enumerate())
+    threads = []
+    for schedule, checkpoint in [("gpipe", "never"), ("gpipe", "always"), ("1f1b", "except_last"),
+                                 ("1f1b", "always"), ("gpipe", "except_last")]:
+        pipe = Pipeline(sm, chunks=2, schedule=schedule, checkpoint=checkpoint, loss_fn=lm_loss)
+        pipe.step(*batch(4))
+        assert no_hooks(sm)  # the pipeline's hooks live only while a step runs
+        threads += pipe._workers.threads
+    assert len(threads) == 10 and all(t.is_alive() for t in threads[-2:])
+    del pipe
+    gc.collect()
+    assert no_hooks(sm)
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert set(threading.enumerate()) <= before
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_failed_step_leaves_no_tensor_of_it_in_the_pipeline_and_the_next_step_is_exact(schedule):
+    layers = [nn.Linear(4, 4), nn.Linear(4, 4), Boom(fail_at=2), nn.Linear(4, 4)]
+    ref = copy.deepcopy(nn.Sequential(*layers))
+    pipe = Pipeline(split(layers, ["cpu", "cpu"]), chunks=4, schedule=schedule, checkpoint="except_last",
+                    loss_fn=mse)
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    made = []  # every stage output of the failed step
+    hooks = [stage.register_forward_hook(lambda mod, i, out: made.append(out)) for stage in pipe.model.stages]
+    exc = raise_within_seconds(lambda: pipe.step(x, y))
+    for hook in hooks:
+        hook.remove()
+    assert isinstance(exc, PipelineError) and len(made) >= 4  # stage 0 ran micro-batches 0-2, stage 1 0-1
+    step = [x, y, *made]
+    held = [t for t in reachable(pipe) if isinstance(t, torch.Tensor)]
+    assert len(held) >= 6  # the walk reaches the parameters, so it would reach the step's tensors too
+    assert not [t for t in held if any(shares_memory(t, s) for s in step)]
+    gone = [weakref.ref(t) for t in step]
+    del exc, made, step, held, x, y  # the caller lets go of the exception too: nothing else keeps them
+    gc.collect()
+    assert all(r() is None for r in gone)
+
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    pipe.zero_grad(set_to_none=True)  # the failed step may have left partial gradients
+    loss, ref_loss = pipe.step(x, y), mse(ref(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss.detach())
+    assert_grads_equal(pipe, ref)
+
+
+def test_an_exception_the_caller_keeps_does_not_keep_the_other_microbatches_alive():
+    # in a notebook the last exception stays referenced (sys.last_value): the failed step must not stay with it
+    layers = [nn.Linear(4, 4), nn.Linear(4, 4), Boom(fail_at=2), nn.Linear(4, 4)]
+    pipe = Pipeline(split(layers, ["cpu", "cpu"]), chunks=4, loss_fn=mse)
+    outputs = []  # stage 0's output of micro-batch m (forwards run in order), kept by the step for its backward
+    pipe.model.stages[0].register_forward_hook(lambda mod, i, out: outputs.append(weakref.ref(out)))
+    exc = raise_within_seconds(lambda: pipe.step(torch.randn(8, 4), torch.randn(8, 4)))
+    gc.collect()
+    assert isinstance(exc, PipelineError) and len(outputs) >= 3
+    # micro-batch 2 is the one stage 1 failed on: the traceback's frames hold its input, as any exception would
+    assert all(r() is None for m, r in enumerate(outputs) if m != 2)

@@ -134,7 +134,7 @@ def test_a_collected_pipeline_ends_its_worker_threads():
     threads = pipe._workers.threads
     assert all(t.is_alive() for t in threads)
     del pipe
-    gc.collect()  # the stage hooks make a reference cycle, so the collector frees the pipeline
+    gc.collect()
     for t in threads:
         t.join(10)
         assert not t.is_alive()
