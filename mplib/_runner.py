@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from mplib import _batchnorm
 from mplib._losses import LOSSES, InLoss, fresh_leaf, pairs
 from mplib.memory import SavedBytes
 from mplib.microbatch import _leaves, batch_size, gather, scatter
@@ -118,6 +119,8 @@ class Runner:
             self.timeline.sample_memory(w, 0, at=0.0)
         self.in_backward: dict[int, tuple[int, int]] = {}  # stage -> (worker, micro-batch) while its backward runs
         self.recomputes: dict[int, list[list[float]]] = {}
+        self.deferred = (_batchnorm.Deferred(pipe._norms, pipe.chunks, self.in_backward.__contains__)
+                         if pipe.batch_norm == "deferred" else None)
 
     def run(self, workers: Workers) -> Failure | None:
         """Run every device's actions on its worker; the first failure, or None."""
@@ -127,11 +130,14 @@ class Runner:
                 hooks.append(stage.register_forward_pre_hook(partial(self._recompute_begins, j), prepend=True))
                 hooks.append(stage.register_forward_hook(partial(self._recompute_ends, j), prepend=True))
         try:
-            workers.run([partial(self._work, w) for w in range(len(self.devices))],
-                        abort=lambda: box.fail(Failure(None, None, "interrupted", None)))
+            with self.deferred or nullcontext():
+                workers.run([partial(self._work, w) for w in range(len(self.devices))],
+                            abort=lambda: box.fail(Failure(None, None, "interrupted", None)))
         finally:
             for hook in hooks:
                 hook.remove()
+        if self.deferred is not None and box.error is None:
+            self.deferred.commit()  # batch norms: the whole batch's statistics, once
         return box.error
 
     def result(self) -> Any:

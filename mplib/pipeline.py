@@ -11,16 +11,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from mplib import _batchnorm
 from mplib._losses import LOSSES, BadLoss
 from mplib._runner import Failure, Runner, consumers, microbatch_seed
 from mplib.schedule import NAMES, build
 from mplib.timeline import Timeline
 from mplib.worker import Workers
 
-__all__ = ["CHECKPOINT_MODES", "LOSS_ON", "LossFn", "Pipeline", "PipelineError", "microbatch_seed"]
+__all__ = ["BATCH_NORM", "CHECKPOINT_MODES", "LOSS_ON", "LossFn", "Pipeline", "PipelineError", "microbatch_seed"]
 
 CHECKPOINT_MODES = ("never", "except_last", "always")
 LOSS_ON = tuple(LOSSES)  # "microbatch", "gathered"
+BATCH_NORM = ("refuse", "deferred")
 LossFn = Callable[[Any, Any], Tensor]  # loss_fn(output, targets) -> scalar
 
 
@@ -53,6 +55,20 @@ class Pipeline(nn.Module):
     threads' timing. `threads_per_worker`: intra-op threads per worker, e.g. 1 when CPU stand-ins
     share cores.
 
+    `batch_norm`: a BatchNorm in training mode normalises by the statistics of what it sees, so
+    micro-batches change its results. "refuse" (the default) raises a ValueError naming the module
+    when it would see micro-batches (chunks > 1, or checkpoint="always", whose recompute updates
+    its running statistics twice). "deferred" (torchgpipe's) normalises each micro-batch by its own
+    statistics but updates running_mean, running_var and num_batches_tracked once per step, after
+    the last micro-batch, from the whole batch's statistics (a failed step updates none). For a
+    batch norm whose inputs no earlier one has normalised they then equal the unsplit model's
+    (momentum=None's cumulative average included); a later one sees different inputs. The
+    training-mode outputs, loss and gradients still differ: a micro-batch's mean and variance come
+    from n values per channel (its examples x positions), so they miss the batch's by about
+    1/sqrt(n) of a standard deviation, and the normalised outputs move by about 1/sqrt(n) of their
+    unit scale (~10% at n = 100, ~3% at n = 1000), as in training with the smaller batch.
+    Evaluation mode uses the running statistics and is exact.
+
     Example:
         pipe = Pipeline(split(GPT(GPT_TINY), ["cpu", "cpu"]), chunks=4, schedule="1f1b", loss_fn=lm_loss)
         loss = pipe.step(x, y); optimizer.step()
@@ -62,7 +78,8 @@ class Pipeline(nn.Module):
 
     def __init__(self, split_model: nn.Module, chunks: int, schedule: str = "gpipe", checkpoint: str = "never",
                  loss_fn: LossFn | None = None, virtual: int = 1, seed: int | None = None,
-                 threads_per_worker: int | None = None, loss_on: str = "microbatch") -> None:
+                 threads_per_worker: int | None = None, loss_on: str = "microbatch",
+                 batch_norm: str = "refuse") -> None:
         super().__init__()
         if not hasattr(split_model, "stages") or not hasattr(split_model, "devices"):
             raise TypeError(f"Pipeline runs a SplitModel (with .stages and .devices), got "
@@ -77,13 +94,17 @@ class Pipeline(nn.Module):
         self.schedule = build(schedule, self.K, chunks, virtual)  # checks chunks against the schedule
         _check_choice("loss_on", loss_on, LOSS_ON)
         LOSSES[loss_on].check(schedule)
-        self.chunks, self.checkpoint, self.loss_fn, self.loss_on = chunks, checkpoint, loss_fn, loss_on
+        _check_choice("batch_norm", batch_norm, BATCH_NORM)
+        self.chunks, self.checkpoint, self.loss_fn, self.loss_on, self.batch_norm = \
+            chunks, checkpoint, loss_fn, loss_on, batch_norm
         self.threads, self._non_blocking = threads_per_worker, bool(getattr(split_model, "non_blocking", False))
         # plain lists for the hot path: nn.Module attribute lookup and ModuleList indexing cost microseconds
         self._stages = list(split_model.stages)
         self._moves = [torch.device(a) != torch.device(b)  # cut c (after stage c) crosses devices
                        for a, b in zip(split_model.devices, split_model.devices[1:])]
         self._consumers = {train: consumers(self.schedule, train) for train in (True, False)}
+        self._norms = _batchnorm.find(split_model)
+        self._check_batch_norm(train=True)
         self._seeds = None if seed is None else torch.Generator().manual_seed(seed)
         self.step_seed: int | None = None
         self.timeline: Timeline | None = None
@@ -97,6 +118,7 @@ class Pipeline(nn.Module):
         Example:
             logits = pipe(ids)          # equals the unsplit model's model(ids)
         """
+        self._check_batch_norm(train=False)
         with torch.no_grad():
             return self._run(Runner(self, batch))
 
@@ -112,6 +134,7 @@ class Pipeline(nn.Module):
         if not torch.is_grad_enabled():
             raise RuntimeError("step runs backward, but gradients are disabled here (torch.no_grad); "
                                "call pipe(batch) for inference, or step outside torch.no_grad()")
+        self._check_batch_norm(train=True)
         return self._run(Runner(self, batch, targets, train=True))
 
     def close(self) -> None:
@@ -141,6 +164,12 @@ class Pipeline(nn.Module):
         finally:
             self.timeline, self.step_seed = runner.timeline, runner.step_seed
             runner.close()  # nothing of the step stays, also when the caller keeps the exception
+
+    def _check_batch_norm(self, train: bool) -> None:
+        if self.batch_norm == "refuse" and (self.chunks > 1 or (train and self.checkpoint == "always")):
+            for norm in self._norms:
+                if norm[2].training:
+                    raise _batchnorm.refusal(norm, self.chunks)
 
 
 def _check_choice(what: str, value: str, known: tuple[str, ...]) -> None:

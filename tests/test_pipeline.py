@@ -497,3 +497,109 @@ def test_an_exception_the_caller_keeps_does_not_keep_the_other_microbatches_aliv
     assert isinstance(exc, PipelineError) and len(outputs) >= 3
     # micro-batch 2 is the one stage 1 failed on: the traceback's frames hold its input, as any exception would
     assert all(r() is None for m, r in enumerate(outputs) if m != 2)
+
+
+# -- batch norm ---------------------------------------------------------------------------------
+
+def bn_layers(stage=1, momentum=0.1):
+    # (B, 3, 5) inputs, one batch norm on stage 0 or 1 (balance [3, 3]). Only the first batch norm of a model
+    # sees the unsplit model's inputs: a later one's inputs were normalised per micro-batch by the first
+    bn = nn.BatchNorm1d(6, momentum=momentum)
+    first, second = (bn, nn.Identity()) if stage == 0 else (nn.Identity(), bn)
+    return [nn.Conv1d(3, 6, 3, padding=1), first, nn.ReLU(), nn.Conv1d(6, 6, 3, padding=1), second,
+            nn.Sequential(nn.Flatten(), nn.Linear(30, 2))]
+
+
+def bn_batch():
+    return torch.randn(7, 3, 5) * 3 + 1, torch.randn(7, 2)  # micro-batches of 2, 2, 2 and 1 example (5 values)
+
+
+def assert_running_stats_equal(pipe, ref):
+    mine = pipe.model.state_dict()
+    for name, buf in ref.named_buffers():
+        assert "num_batches" in name or buf.abs().sum() > 0, name  # moved away from 0: compares something
+        torch.testing.assert_close(mine[name], buf, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_batch_norm_in_training_mode_is_refused_naming_the_module_and_the_fixes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 4))
+    assert isinstance(model.get_submodule("1.1"), nn.BatchNorm1d)  # its qualified name in the unsplit model
+    with pytest.raises(ValueError, match=r"BatchNorm1d '1\.1' \(stage 0\) is in training mode: with chunks=4 "
+                                         "each micro-batch is normalised by its own statistics") as info:
+        Pipeline(split(model, ["cpu", "cpu"]), chunks=4, loss_fn=mse)
+    for fix in ("batch_norm='deferred'", "model.eval()", "chunks=1", "nn.LayerNorm"):
+        assert fix in str(info.value), fix
+    with pytest.raises(ValueError, match="checkpoint='always' runs its forward again in the backward"):
+        Pipeline(split(model, ["cpu", "cpu"]), chunks=1, checkpoint="always", loss_fn=mse)
+    with pytest.raises(ValueError, match="unknown batch_norm 'sync'; use one of refuse, deferred"):
+        Pipeline(split(model, ["cpu", "cpu"]), chunks=4, batch_norm="sync")
+    Pipeline(split(model, ["cpu", "cpu"]), chunks=1, loss_fn=mse).step(torch.randn(4, 4), torch.randn(4, 4))
+
+
+def test_a_batch_norm_in_eval_mode_runs_exactly_and_is_refused_once_switched_to_training():
+    layers = bn_layers()
+    ref = copy.deepcopy(nn.Sequential(*layers)).eval()
+    pipe = Pipeline(split(layers, ["cpu", "cpu"], balance=[3, 3]).eval(), chunks=4, loss_fn=mse)
+    x, y = bn_batch()
+    loss, ref_loss = pipe.step(x, y), mse(ref(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss.detach())
+    assert_grads_equal(pipe, ref)
+    pipe.train()
+    with pytest.raises(ValueError, match="BatchNorm1d '4' \\(stage 1\\) is in training mode"):
+        pipe.step(x, y)
+    with pytest.raises(ValueError, match="BatchNorm1d '4' \\(stage 1\\) is in training mode"):
+        pipe(x)
+
+
+@pytest.mark.parametrize("schedule, checkpoint, stage, momentum", [
+    ("gpipe", "never", 0, 0.1), ("gpipe", "always", 1, None), ("1f1b", "except_last", 0, None),
+    ("1f1b", "except_last", 1, 0.1), ("1f1b", "always", 0, 0.1), ("1f1b", "always", 1, None)])
+def test_deferred_batch_norm_running_statistics_equal_the_unsplit_models_step_after_step(schedule, checkpoint,
+                                                                                         stage, momentum):
+    layers = bn_layers(stage, momentum)  # momentum=None: a cumulative average over the steps
+    ref = copy.deepcopy(nn.Sequential(*layers))
+    pipe = Pipeline(split(layers, ["cpu", "cpu"], balance=[3, 3]), chunks=4, schedule=schedule,
+                    checkpoint=checkpoint, loss_fn=mse, batch_norm="deferred")
+    for _ in range(3):  # momentum and the cumulative average (momentum=None) both build on earlier steps
+        x, y = bn_batch()
+        loss, ref_loss = pipe.step(x, y), mse(ref(x), y)
+        assert_running_stats_equal(pipe, ref)
+    assert int(pipe.model.state_dict()[f"{1 + 3 * stage}.num_batches_tracked"]) == 3  # once a step, recomputes not
+    assert not torch.allclose(loss, ref_loss.detach())  # training-mode outputs are per micro-batch: they differ
+    assert no_hooks(pipe.model) and all(bn.track_running_stats for bn in pipe.model.modules()
+                                        if isinstance(bn, nn.BatchNorm1d))
+
+
+def test_deferred_batch_norm_outputs_differ_by_about_one_over_sqrt_n_and_inference_updates_the_statistics_once():
+    C, B, M = 16, 256, 4
+    layers = [nn.Linear(C, C), nn.BatchNorm1d(C)]
+    ref = copy.deepcopy(nn.Sequential(*layers))
+    pipe = Pipeline(split(layers, ["cpu", "cpu"]), chunks=M, batch_norm="deferred")
+    x = torch.randn(B, C) * 2 + 3
+    with torch.no_grad():
+        out, ref_out = pipe(x), ref(x)  # training mode under no_grad: both update their running statistics
+    n = B // M  # values per channel in one micro-batch
+    rms = (out - ref_out).pow(2).mean().sqrt().item()
+    # the docstring's claim: a micro-batch's mean and variance miss the batch's by ~1/sqrt(n) of a std;
+    # for M=4 the expected rms is sqrt(1.5 * (1 - 1/M) / n) = 0.13 at n=64
+    assert 0.5 / n**0.5 < rms < 2 / n**0.5, rms
+    assert_running_stats_equal(pipe, ref)
+
+
+def test_a_failed_deferred_step_leaves_the_batch_norms_as_they_were_and_the_next_step_is_exact():
+    layers = bn_layers(stage=0)
+    layers.insert(5, Boom(fail_at=2))  # stage 1: fails on micro-batch 2, when stage 0 may have run them all
+    ref = copy.deepcopy(nn.Sequential(*layers))
+    pipe = Pipeline(split(layers, ["cpu", "cpu"], balance=[3, 4]), chunks=4, loss_fn=mse, batch_norm="deferred")
+    before = copy.deepcopy(pipe.model.state_dict())
+    exc = raise_within_seconds(lambda: pipe.step(*bn_batch()))
+    assert isinstance(exc, PipelineError) and "micro-batch 2" in str(exc)
+    after = pipe.model.state_dict()
+    for name, buf in before.items():
+        torch.testing.assert_close(after[name], buf, rtol=0, atol=0, msg=name)  # no partial update
+    assert no_hooks(pipe.model) and all(bn.track_running_stats for bn in pipe.model.modules()
+                                        if isinstance(bn, nn.BatchNorm1d))
+    x, y = bn_batch()
+    pipe.step(x, y), mse(ref(x), y)
+    assert_running_stats_equal(pipe, ref)
