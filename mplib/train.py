@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LossFn = Callable[[nn.Module, Any], Tensor]
+BatchLoss = Callable[[nn.Module, Any], Tensor]  # loss_fn(model, batch) -> scalar (pipeline.LossFn is (output, targets))
 EvalFn = Callable[[nn.Module], float]
 OPTIMIZERS = ("adamw", "adam", "sgd")
+SGD_MOMENTUM = 0.9  # "sgd" keeps one momentum buffer per parameter, as mplib.memory and mplib.profile count it
 
 
 @dataclass
@@ -58,6 +59,10 @@ def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The optimizer `fit` uses by name: "adamw", "adam" or "sgd" over the trainable parameters.
 
+    "sgd" is SGD with momentum 0.9 (`SGD_MOMENTUM`): one state tensor per parameter, the count
+    `mplib.memory` and `mplib.profile` charge for it. For plain SGD pass
+    `torch.optim.SGD(params, lr)` to `fit` instead.
+
     Example:
         opt = make_optimizer(model, "sgd", lr=0.1)
         opt.step()
@@ -71,7 +76,7 @@ def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use one of {OPTIMIZERS} or pass a torch.optim.Optimizer")
 
 
@@ -101,7 +106,7 @@ def _evaluate(model: nn.Module, eval_fn: EvalFn) -> float:
     return float(value)
 
 
-def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, lr: float = 1e-3,
+def fit(model: nn.Module, batches: Iterable[Any], loss_fn: BatchLoss, steps: int, lr: float = 1e-3,
         optimizer: str | torch.optim.Optimizer = "adamw", weight_decay: float = 0.0,
         grad_clip: float | None = None, progress: bool = True, log_every: int = 1,
         eval_fn: EvalFn | None = None, eval_every: int | None = None) -> History:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import mplib.memory
 import mplib.plot
 from mplib.train import History, fit, lm_loss, make_optimizer
 
@@ -93,6 +94,17 @@ def test_make_optimizer_rejects_a_fully_frozen_model():
     model = nn.Linear(3, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         make_optimizer(model)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_make_optimizer_keeps_the_state_that_mplib_memory_counts_for_it(name):
+    # "sgd" is SGD with momentum: one buffer per parameter, as mplib.memory and mplib.profile charge it
+    model, x = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)), torch.randn(2, 3)
+    opt = make_optimizer(model, name)
+    model(x).sum().backward()
+    opt.step()  # states are created on the first step
+    kept = sum(t.nbytes for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+    assert kept > 0 and kept == mplib.memory.measure(model, x, optimizer=name).optimizer
 
 
 def test_fit_says_when_batches_run_out():
