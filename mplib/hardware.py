@@ -37,19 +37,30 @@ class GPU:
 
 @dataclass(frozen=True)
 class Link:
-    """A connection between two devices; `gbs_per_direction` in GB/s (1e9 bytes/s) each way."""
+    """A connection between two devices: `gbs_per_direction` GB/s (1e9 bytes/s) each way, `latency` s per message.
+
+    Accepted wherever mplib takes a link (`mplib.partition.optimal(links=...)`): it reads
+    `bandwidth` (bytes/s) and `latency`. The datasheets give no latency, so the catalog's is 0;
+    measure yours and pass `dataclasses.replace(link, latency=...)`.
+    """
 
     name: str
     gbs_per_direction: float
     source: str
+    latency: float = 0.0
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second each way."""
+        return self.gbs_per_direction * 1e9
 
     def seconds(self, nbytes: int) -> float:
-        """Time to send `nbytes` one way at the link's peak rate (a lower bound).
+        """Time to send `nbytes` one way at the link's peak rate plus its latency (a lower bound).
 
         Example:
             LINKS["PCIe 4.0 x16"].seconds(2**30)   # about 0.034 s for 1 GiB
         """
-        return nbytes / (self.gbs_per_direction * 1e9)
+        return nbytes / self.bandwidth + self.latency
 
 
 GPUS: dict[str, GPU] = {g.name: g for g in [

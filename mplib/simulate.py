@@ -157,3 +157,39 @@ def step_times(schedule: Schedule | _Levels, forward: np.ndarray, backward: np.n
         ready = (end[:, p] + c[:, k]).max(axis=2)  # (batch, L)
         end[:, nodes] = ready + cost[:, nodes]
     return end[:, lv.sink].max(axis=1)
+
+
+def critical_path(schedule: Schedule, forward: Costs, backward: Costs, transfer: Costs = ()) -> list[Action]:
+    """The actions of a longest dependency chain, first to last: what sets the simulated step.
+
+    Each action's start is its device's previous action or a dependency (plus the transfer it
+    crosses), whichever ends later; following those back from the last action to end gives the
+    path. Costs as in `simulate`.
+
+    Example:
+        path = critical_path(build("1f1b", 2, 4), [1, 1], [2, 3])
+        sum(1 if a.kind == "F" else (2, 3)[a.stage] for a in path)   # the step: 19
+    """
+    f, b = _per_stage(forward, schedule, "forward"), _per_stage(backward, schedule, "backward")
+    t = _per_cut(transfer, schedule)
+    end: dict = {}
+    came_from: dict = {}
+    last: list = [None] * schedule.num_devices
+    for a in walk(schedule):
+        ready, origin = (end[last[a.device].key], last[a.device]) if last[a.device] else (0.0, None)
+        for dep in schedule.deps(a):
+            cut = schedule.crosses(dep, a)
+            at = end[dep] + (0.0 if cut is None else t[cut])
+            if at > ready:
+                ready, origin = at, dep
+        end[a.key] = ready + (f[a.stage] if a.kind == "F" else b[a.stage])
+        came_from[a.key] = origin
+        last[a.device] = a
+    by_key = {a.key: a for acts in schedule.actions for a in acts}
+    key = max(end, key=end.get)
+    path = []
+    while key is not None:
+        path.append(by_key[key])
+        key = came_from[key]
+        key = key.key if isinstance(key, Action) else key
+    return path[::-1]
