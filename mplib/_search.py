@@ -1,9 +1,8 @@
 """The exact search behind `mplib.partition.optimal`: best-first branch and bound over contiguous splits.
 
-A node fixes the first s stages (blocks [0, j)); its bound is a lower bound on the simulated step
-of every split that completes it; a complete split is timed by the simulator itself. Nodes are
-expanded in order of their bound, so the search stops, exact, once the best step found is at most
-the smallest bound left. Bounds per schedule are in `mplib._bounds`.
+A node fixes the first s stages (blocks [0, j)); its bound never exceeds the simulated step of a
+split that completes it; complete splits are timed by the simulator. The search stops, exact,
+once the best step found is at most the smallest bound left (bounds: `_bounds`, `_gpipe`).
 """
 
 from __future__ import annotations
@@ -223,3 +222,43 @@ def _polish(p: Problem, bounds: list[int], step: float, objective: Callable) -> 
 def _fits(p: Problem, bounds: np.ndarray) -> bool:
     ok = all(bounds[s + 1] <= p.mem_hi[s, bounds[s]] for s in range(p.S))
     return ok and (p.device_fits is None or p.device_fits(bounds))
+
+
+# --- what every bound shares ------------------------------------------------------------------
+
+
+def _suffix_time(p: Problem) -> np.ndarray:
+    """Tsuf[s, j]: the least compute time of blocks [j, n) on stages s..S-1 (at their fastest device)."""
+    fastest = np.maximum.accumulate(p.speed[::-1])[::-1]  # fastest device among stages s..S-1
+    out = np.zeros((p.S + 1, p.n + 1))
+    out[: p.S] = (p.T[-1] - p.T)[None, :] / fastest[:, None]
+    return out
+
+
+def _stage(p: Problem, s: int, i: int | np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(forward, backward, total) seconds of stage s = blocks [i, j)."""
+    f = (p.F[j] - p.F[i]) / p.speed[s]
+    b = (p.B[j] - p.B[i]) / p.speed[s]
+    return f, b, f + b
+
+
+def _cut_after(p: Problem, s: int, j: np.ndarray) -> np.ndarray:
+    return p.cut[s, j] if s < p.S - 1 else np.zeros(len(j))
+
+
+class _Bound:
+    """Common parts: the suffix's least base (time plus two transfers per cut); `solve` by best-first search."""
+
+    def __init__(self, p: Problem) -> None:
+        self.p = p
+        self.rest = _suffix_time(p) + 2 * min_sum_table(p)  # (S + 1, n + 1)
+        self.rest[p.S, p.n] = 0.0
+
+    def solve(self, candidates: list, max_nodes: int | None = None) -> tuple[list[int], float, int, float]:
+        return best_first(self.p, self, candidates, max_nodes=max_nodes)
+
+    def _keep(self, node: Node, ends: np.ndarray, lb: np.ndarray, limit: float, states: list) -> list[Node]:
+        out = []
+        for k in np.flatnonzero(lb < limit):
+            out.append(Node(node.s + 1, int(ends[k]), node.bounds + (int(ends[k]),), float(lb[k]), states[k]))
+        return out

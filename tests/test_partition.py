@@ -3,14 +3,14 @@
 import itertools
 import math
 import random
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import mplib.hardware
-from mplib import _bounds
+from mplib import _gpipe
+from mplib._problem import for_schedule
 from mplib.partition import _Problem, by_params, by_time, evaluate, optimal, uniform
 from mplib.profile import BlockCosts
 from mplib.schedule import build
@@ -120,9 +120,9 @@ def test_a_search_bound_never_exceeds_the_best_step_of_the_splits_below_it():
         case = random_instance(rng)
         prob = _Problem(case["costs"], case["k"], case["schedule"], case["chunks"], case["speeds"], case["links"],
                         case["memory"], case["virtual"])
-        bound = _bounds.for_schedule(prob.search)
+        bound = for_schedule(prob.search)
         if not hasattr(bound, "children"):  # GPipe: exact by its formula, checked against the simulator below
-            bound = _bounds.SlowestBackwardBound(prob.search, case["chunks"] - 1)
+            bound = _gpipe.SlowestBackwardBound(prob.search, case["chunks"] - 1)
             objective = bound.objective
         else:
             objective = lambda b: float(prob.search.step(np.asarray(b))[0])  # noqa: E731
