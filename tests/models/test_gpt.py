@@ -41,18 +41,38 @@ def test_lm_head_is_the_token_embedding_parameter():
     assert tied == [[(0, "wte.weight"), (GPT_TINY.n_layer + 1, "lm_head.weight")]]
 
 
-def test_blocks_chain_equals_forward():
-    model = GPT(GPT_TINY).eval()
-    x = tokens()
-    blocks = model.blocks()
-    assert len(blocks) == GPT_TINY.n_layer + 2
-    out = blocks[0](x)
-    for block in blocks[1:]:
-        out = block(out)
-    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+def chain(blocks: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The blocks run one after the other by hand, as a pipeline runs them: not through `forward`."""
+    for block in blocks:
+        x = block(x)
+    return x
 
 
-def test_from_hf_logits_and_grads_match_hf():
+def assert_grads_equal_hf(ours: GPT, hf: GPT2LMHeadModel) -> None:
+    """Every parameter of `ours` has the gradient of its HF twin, which is non-zero."""
+    theirs, mine = dict(hf.named_parameters()), dict(ours.named_parameters())
+    names = _hf_names(GPT_TINY.n_layer)
+    assert {name for name, _, _ in names} == mine.keys()  # no parameter left out of the comparison
+    for name, hf_name, transposed in names:
+        hf_grad = theirs[hf_name].grad.t() if transposed else theirs[hf_name].grad  # HF Conv1D is (in, out)
+        assert hf_grad.abs().sum() > 0, hf_name
+        torch.testing.assert_close(mine[name].grad, hf_grad, msg=name)
+
+
+def test_blocks_chained_by_hand_give_hf_logits_and_grads():
+    hf = hf_tiny()
+    ours = GPT.from_hf(copy.deepcopy(hf)).eval()
+    blocks = ours.blocks()
+    assert [type(b).__name__ for b in blocks] == ["Embedding"] + ["Block"] * GPT_TINY.n_layer + ["Head"]
+    x, y = tokens(), tokens()
+    hf_logits, our_logits = hf(x).logits, chain(blocks, x)
+    torch.testing.assert_close(our_logits, hf_logits)
+    lm_loss(hf_logits, y).backward()
+    lm_loss(our_logits, y).backward()
+    assert_grads_equal_hf(ours, hf)
+
+
+def test_from_hf_forward_gives_hf_logits_and_grads():
     hf = hf_tiny()
     ours = GPT.from_hf(copy.deepcopy(hf)).eval()
     x, y = tokens(), tokens()
@@ -60,12 +80,7 @@ def test_from_hf_logits_and_grads_match_hf():
     torch.testing.assert_close(our_logits, hf_logits)
     lm_loss(hf_logits, y).backward()
     lm_loss(our_logits, y).backward()
-    theirs = dict(hf.named_parameters())
-    mine = dict(ours.named_parameters())
-    for name, hf_name, transposed in _hf_names(GPT_TINY.n_layer):
-        hf_grad = theirs[hf_name].grad.t() if transposed else theirs[hf_name].grad  # HF Conv1D is (in, out)
-        assert hf_grad.abs().sum() > 0, hf_name
-        torch.testing.assert_close(mine[name].grad, hf_grad, msg=name)
+    assert_grads_equal_hf(ours, hf)
 
 
 def test_to_hf_gives_hf_model_with_equal_logits():
@@ -74,7 +89,9 @@ def test_to_hf_gives_hf_model_with_equal_logits():
     assert isinstance(hf, GPT2LMHeadModel)
     x = tokens()
     torch.testing.assert_close(hf(x).logits, ours(x))
-    assert GPT.from_hf(hf).state_dict().keys() == ours.state_dict().keys()
+    back = GPT.from_hf(hf).state_dict()  # and back again: the same tensors, bit for bit
+    for name, value in ours.state_dict().items():
+        assert torch.equal(back[name], value), name
 
 
 def test_to_hf_round_trips_through_save_pretrained(tmp_path):
