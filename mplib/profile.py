@@ -1,30 +1,25 @@
 """Per-block costs: forward/backward seconds, parameter, optimizer, activation and boundary bytes.
 
-`measure` times each block on a worker as a pipeline runs it; `analytic` counts FLOPs instead (no
-compute, under FakeTensorMode) for models too large to run; `BlockCosts(...)` takes your own numbers.
+`measure` times blocks as a pipeline runs them, `analytic` counts FLOPs, `BlockCosts` takes your own.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import statistics
-import threading
-import time
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
+from mplib import _timing
+from mplib._timing import as_args as _as_args, leaf as _leaf, output_bytes as _output_bytes
 from mplib.layers import blocks as to_blocks
 from mplib.memory import OPTIMIZER_STATES, SavedBytes, _param_bytes  # _param_bytes: the tied-weight rule
-from mplib.worker import Workers
 
 Device = torch.device | str
-LossFn = Callable[[Any, Any], Tensor]
+LossFn = _timing.LossFn  # (output, targets) -> scalar loss
 
 
 @dataclass
@@ -122,17 +117,10 @@ def measure(model: Any, sample_input: Any, devices: Device | Sequence[Device] = 
     turn on `devices[0]`, each fed by the previous block's output (`sample_input`: one micro-batch
     for block 0, a tensor or a tuple of its positional inputs); meanwhile every other worker trains
     its own copy of the whole model on its device, micro-batch after micro-batch, from before the
-    first block is timed until the last one is done. With `loss_fn(output, targets)` the last block
-    is timed with its loss, as the last stage runs it. Times are medians of `repeats` runs after a
-    warm-up. With one device each block runs alone. Blocks move to `devices[0]`; `.grad`s are kept.
-
-    Why a steady load beside each block rather than whole stages timed inside a real pipeline step:
-    what slows a block is what runs beside it (on CPU stand-ins: shared cores, caches and memory
-    bandwidth, page faults on big gradients, the GIL), and inside a real step that is the profiled
-    split's neighbours and bubbles. A stage that waits for a slower one runs its blocks beside
-    constant work, so they look slower than the same blocks on the slow stage and the costs favour
-    the split they were measured under. The whole model on every other worker is one load for all
-    blocks, and near what a balanced pipeline (the one a partitioner looks for) runs beside a stage.
+    first block is timed until the last one is done (why: `mplib._timing.Load`). With
+    `loss_fn(output, targets)` the last block is timed with its loss, as the last stage runs it.
+    Times are medians of `repeats` runs after a warm-up. With one device each block runs alone.
+    Blocks move to `devices[0]`; `.grad`s are kept.
 
     Bytes: activations are the tensors autograd saves for backward (saved_tensors_hooks, per
     thread: the load is not counted), once per storage, without the block's parameters; a tied
@@ -152,152 +140,10 @@ def measure(model: Any, sample_input: Any, devices: Device | Sequence[Device] = 
     if not devs:
         raise ValueError("devices is empty; give the device(s) the pipeline will run on, e.g. ['cpu', 'cpu']")
     chain = to_blocks(model)
-    load = _Load(chain.modules, devs[1:], sample_input, loss_fn, targets)
-    params = {id(p): p for m in chain.modules for p in m.parameters()}
-    saved_grads = {k: p.grad for k, p in params.items()}
-    for p in params.values():
-        p.grad = None  # backward would accumulate into an existing .grad in place
-    cols: dict[str, list] = {}
-    workers = Workers(len(devs), name="profile")
-    try:
-        timed = partial(_time_blocks, chain.modules, devs[0], sample_input, repeats, loss_fn, targets, load, cols)
-        workers.run([partial(_on_worker, threads_per_worker, timed)]
-                    + [partial(_on_worker, threads_per_worker, load.run, w) for w in range(len(devs) - 1)],
-                    abort=load.stop)  # Ctrl-C stops the load, and the timing at the next block
-    finally:
-        workers.close()
-        for k, p in params.items():
-            p.grad = saved_grads[k]
+    cols = _timing.run(chain.modules, devs, sample_input, repeats, loss_fn, targets, threads_per_worker)
     pbytes = _param_bytes(chain.modules, None)[0]
     return BlockCosts(**cols, param_bytes=pbytes, optimizer_bytes=[states * b for b in pbytes],
                       names=chain.names, source="measured", device=str(devs[0]))
-
-
-def _on_worker(threads: int | None, task: Callable[..., None], *args: Any) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)  # per thread, as each of Pipeline's workers sets its own
-    task(*args)
-
-
-def _time_blocks(mods: list[nn.Module], dev: torch.device, sample_input: Any, repeats: int,
-                 loss_fn: LossFn | None, targets: Any, load: "_Load", cols: dict[str, list]) -> None:
-    """Worker 0's task: time each block in turn once the load runs; stop the load when done."""
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    for k in ("forward", "backward", "activation_bytes", "boundary_bytes"):
-        cols[k] = []
-    try:
-        load.wait_until_running()
-        x = _as_args(sample_input)
-        for b, mod in enumerate(mods):
-            if load.stopped:
-                return  # interrupted: the caller raises
-            mod.to(dev)
-            x = tree_map(lambda t: _leaf(t.to(dev)) if isinstance(t, Tensor) else t, x)
-            finish = None
-            if loss_fn is not None and b == len(mods) - 1:
-                tgt = tree_map(lambda t: t.to(dev) if isinstance(t, Tensor) else t, targets)
-                finish = lambda out: loss_fn(out, tgt)  # noqa: E731
-            out, fwd, bwd, act = _measure(mod, x, repeats, sync, finish)
-            for k, v in zip(("forward", "backward", "activation_bytes", "boundary_bytes"),
-                            (fwd, bwd, act, _output_bytes(out))):
-                cols[k].append(v)
-            x = (tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out),)
-    finally:
-        load.stop()
-
-
-def _measure(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None],
-             finish: Callable[[Any], Tensor] | None = None):
-    """(output, forward s, backward s, saved activation bytes) of one block: medians after a warm-up.
-
-    `finish` turns the output into a scalar loss inside the timed forward; backward then starts there.
-    """
-    own = [*mod.parameters(), *mod.buffers()]
-    fwd, bwd, act = [], [], 0
-    for r in range(repeats + 1):
-        sync()
-        t0 = time.perf_counter()
-        with SavedBytes(exclude=own) as saved:
-            out = mod(*args)
-            loss = finish(out) if finish is not None else None
-        sync()
-        t1 = time.perf_counter()
-        _backward(out, loss)
-        sync()
-        t2 = time.perf_counter()
-        if r > 0:  # run 0 warms up caches and allocators
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            act = saved.bytes
-    return out, statistics.median(fwd), statistics.median(bwd), act
-
-
-def _backward(out: Any, loss: Tensor | None) -> None:
-    """Backward from `loss`, else from every output that requires grad (with gradient one)."""
-    roots = [loss] if loss is not None else [t for t in tree_flatten(out)[0]
-                                             if isinstance(t, Tensor) and t.requires_grad]
-    if roots:
-        torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
-
-
-class _Load:
-    """The other workers' work while blocks are timed: each trains its own copy of the whole model.
-
-    Its own, as each pipeline stage owns its parameters and gradients: the backward accumulates
-    into the copy's `.grad`s, allocating and freeing what a stage's backward does (on CPU, big
-    gradients fault fresh pages in), and the model's own parameters, buffers and `.grad`s stay out
-    of it. Each copy costs the model's parameters and gradients once more.
-    """
-
-    def __init__(self, mods: list[nn.Module], devices: list[torch.device], sample_input: Any,
-                 loss_fn: LossFn | None, targets: Any) -> None:
-        self.loss_fn = loss_fn
-        self._copies = [[m.to(d) for m in copy.deepcopy(mods)] for d in devices]
-        self._inputs = [tree_map(lambda t: t.to(d) if isinstance(t, Tensor) else t, (_as_args(sample_input), targets))
-                        for d in devices]
-        self._running = [threading.Event() for _ in devices]
-        self._stop = threading.Event()
-
-    def run(self, w: int) -> None:
-        """Worker w+1's task: train micro-batch after micro-batch until `stop`."""
-        mods, (x, tgt) = self._copies[w], self._inputs[w]
-        try:
-            while not self.stopped:
-                out = mods[0](*x)
-                for mod in mods[1:]:
-                    out = mod(out)
-                _backward(out, self.loss_fn(out, tgt) if self.loss_fn is not None else None)
-                self._running[w].set()  # one step done: from now on it runs at its steady pace
-        finally:
-            self._running[w].set()  # also when it failed: nobody waits for it forever
-
-    def wait_until_running(self) -> None:
-        for event in self._running:
-            event.wait()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.is_set()
-
-
-def _as_args(sample_input: Any) -> tuple:
-    return tuple(sample_input) if isinstance(sample_input, (tuple, list)) else (sample_input,)
-
-
-def _leaf(t: Tensor) -> Tensor:
-    """A fresh graph input: floating tensors require grad so backward reaches the block's input."""
-    t = t.detach()
-    return t.requires_grad_(True) if t.is_floating_point() else t
-
-
-def _output_bytes(out: Any) -> int:
-    """Bytes of the storages behind the tensors in `out`, each storage once: what crosses a cut."""
-    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-                for t in tree_flatten(out)[0] if isinstance(t, Tensor)}
-    return sum(storages.values())
 
 
 def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: str | None = "adam",
