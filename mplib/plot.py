@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
+from mplib._plot_memory import memory, memory_vs_gpus  # noqa: F401  (memory estimates vs GPU sizes)
+
 # Each function takes the data object it draws plus an optional `ax`, and returns the Axes,
 # so notebooks can compose figures: `mplib.plot.timeline(tl, ax=axes[0])`.
 
@@ -233,87 +235,6 @@ def embeddings(points, labels, ax=None, title: str | None = None):
     ax.set_ylabel("PC 2")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
-    return ax
-
-# --- memory estimates vs GPU sizes (mplib.memory, mplib.hardware) ------------------------------
-
-_MEMORY_PARTS = ("params", "grads", "optimizer", "activations")
-
-
-def _named_estimates(estimates) -> dict:
-    """A MemoryEstimate, a list of them or a {name: estimate} dict, as a dict."""
-    if hasattr(estimates, "total"):
-        estimates = [estimates]
-    if not isinstance(estimates, dict):
-        estimates = {(e.label or str(i)): e for i, e in enumerate(estimates)}
-    if not estimates:
-        raise ValueError("nothing to plot: pass a MemoryEstimate, a list of them or a {name: estimate} dict")
-    return estimates
-
-
-def memory(estimates, ax=None, gpus=None, logy: bool | None = None):
-    """Stacked bars of training memory (params / grads / optimizer / activations, GiB) per model,
-    with a dashed line at each GPU memory size of the catalog.
-
-    `gpus` is a list of `mplib.hardware.GPU` (default: the whole catalog); `logy` defaults to a
-    log scale when the largest model needs over 100x the smallest.
-
-    Example:
-        est = {"GPT-2 XL": mplib.memory.estimate(GPT2_XL, batch=8, seq=1024)}
-        mplib.plot.memory(est); plt.show()
-    """
-    import mplib.hardware
-
-    estimates = _named_estimates(estimates)
-    gpus = list(mplib.hardware.GPUS.values()) if gpus is None else list(gpus)
-    ax = _axes(ax, figsize=(8, 4))
-    names = list(estimates)
-    bottom = [0.0] * len(names)
-    for part in _MEMORY_PARTS:
-        heights = [getattr(estimates[n], part) / 2**30 for n in names]
-        ax.bar(names, heights, bottom=bottom, label=part)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    totals = [estimates[n].total / 2**30 for n in names]
-    if logy if logy is not None else max(totals) > 100 * max(min(totals), 1e-9):
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=max(min(getattr(estimates[n], "params") for n in names) / 2**30 / 2, 1e-3))
-    by_size: dict[float, list[str]] = {}
-    for g in gpus:
-        by_size.setdefault(g.memory_gib, []).append(g.name)
-    for k, (size, gnames) in enumerate(sorted(by_size.items())):
-        ax.axhline(size, color="black", linestyle="--", linewidth=0.8)
-        ax.text(len(names) - 0.45, size, f" {' / '.join(gnames)} ({size:g} GiB)", fontsize=7,
-                va="top" if k % 2 == 0 else "bottom")  # alternate sides: close sizes do not overlap
-    ax.set_ylabel("memory for one training step (GiB)")
-    ax.set_title("training memory vs one GPU")
-    ax.tick_params(axis="x", labelrotation=30)
-    ax.legend(loc="upper left", fontsize=8)
-    return ax
-
-
-def memory_vs_gpus(estimates, ax=None, gpus=None):
-    """Grouped bars: how many GPUs of each catalog type a model needs by memory alone (log scale).
-
-    A lower bound: it assumes the memory splits perfectly over the GPUs (ceil(total / size)).
-
-    Example:
-        mplib.plot.memory_vs_gpus({"GPT-3": est}); plt.show()
-    """
-    import mplib.hardware
-
-    estimates = _named_estimates(estimates)
-    gpus = list(mplib.hardware.GPUS.values()) if gpus is None else list(gpus)
-    ax = _axes(ax, figsize=(8, 3.5))
-    names = list(estimates)
-    width = 0.8 / max(len(gpus), 1)
-    for j, g in enumerate(gpus):
-        need = [-(-estimates[n].total // g.memory_bytes) for n in names]
-        ax.bar([i + (j - (len(gpus) - 1) / 2) * width for i in range(len(names))], need, width=width, label=g.name)
-    ax.set_xticks(range(len(names)), names, rotation=30)
-    ax.set_yscale("log")
-    ax.set_ylabel("GPUs needed (memory only)")
-    ax.set_title("minimum GPUs to hold one training step")
     ax.legend(fontsize=8)
     return ax
 
