@@ -1,13 +1,11 @@
 """BERT: a bidirectional transformer encoder with a masked-LM head or a classifier, HF weight mapping.
 
-Read top to bottom: config, embedding, attention, layer, the two heads, the two models, masked-LM
-batches, HF mapping. Between blocks the value is (hidden (B, T, C), additive mask (B, 1, 1, T)).
+Top to bottom: config, embedding, attention, layer, heads, models, masked-LM batches (HF names: `_bert_hf`).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mplib.models import _bert_hf
+from mplib.models._bert_hf import hf_names as _hf_names
 from mplib.models._hf import load_mapped
 
-Hidden = tuple[Tensor, Tensor]  # (hidden (B, T, C), additive attention mask (B, 1, 1, T))
+Hidden = tuple[Tensor, Tensor]  # between blocks: (hidden (B, T, C), additive attention mask (B, 1, 1, T))
 
 
 @dataclass
@@ -203,17 +203,7 @@ class BERT(Encoder):
             bert = BERT.from_hf(BertForMaskedLM(BertConfig(num_hidden_layers=2, hidden_size=64, ...)))
             bert.to_hf()   # and back
         """
-        c = hf_model.config
-        if c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"mplib's BERT uses the exact GELU and absolute positions; this HF model has "
-                             f"hidden_act={c.hidden_act!r}, position_embedding_type="
-                             f"{getattr(c, 'position_embedding_type', 'absolute')!r}; build it with the defaults "
-                             "('gelu', 'absolute')")
-        config = BERTConfig(vocab_size=c.vocab_size, block_size=c.max_position_embeddings,
-                            n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
-                            intermediate_size=c.intermediate_size, type_vocab_size=c.type_vocab_size,
-                            dropout=c.hidden_dropout_prob, layer_norm_epsilon=c.layer_norm_eps,
-                            pad_token_id=c.pad_token_id)
+        config = BERTConfig(**_bert_hf.config_fields(hf_model.config))
         model = cls(config)
         model.load_hf_state_dict(hf_model.state_dict())
         return model
@@ -226,18 +216,10 @@ class BERT(Encoder):
 
     def to_hf(self) -> nn.Module:
         """This model as a `transformers.BertForMaskedLM` with the same weights."""
-        from transformers import BertConfig, BertForMaskedLM
-
-        c = self.config
-        hf = BertForMaskedLM(BertConfig(vocab_size=c.vocab_size, max_position_embeddings=c.block_size,
-                                        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                                        hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-                                        type_vocab_size=c.type_vocab_size, hidden_dropout_prob=c.dropout,
-                                        attention_probs_dropout_prob=c.dropout, layer_norm_eps=c.layer_norm_epsilon,
-                                        pad_token_id=c.pad_token_id))
+        hf = _bert_hf.empty_hf_model(self.config)
         ours, theirs = self.state_dict(), hf.state_dict()
         with torch.no_grad():
-            for mine, name in _hf_names(c.n_layer):
+            for mine, name in _hf_names(self.config.n_layer):
                 theirs[name].copy_(ours[mine])
         return hf.train(self.training)
 
@@ -300,24 +282,3 @@ def mask_tokens(ids: Tensor, mask_id: int, vocab_size: int, special_ids: Sequenc
     random_ids = torch.randint(vocab_size, ids.shape, generator=generator)
     inputs = torch.where(randomize, random_ids, inputs)
     return inputs, labels
-
-
-def _hf_names(n_layer: int) -> list[tuple[str, str]]:
-    """(mplib name, HF BertForMaskedLM name) for every tensor; the decoder weight is tied to `word`."""
-    e = "bert.embeddings."
-    names = [("embed.word.weight", e + "word_embeddings.weight"),
-             ("embed.position.weight", e + "position_embeddings.weight"),
-             ("embed.token_type.weight", e + "token_type_embeddings.weight"),
-             ("embed.ln.weight", e + "LayerNorm.weight"), ("embed.ln.bias", e + "LayerNorm.bias")]
-    parts = {"attn.query": "attention.self.query", "attn.key": "attention.self.key",
-             "attn.value": "attention.self.value", "attn.proj": "attention.output.dense",
-             "ln_1": "attention.output.LayerNorm", "fc": "intermediate.dense", "proj": "output.dense",
-             "ln_2": "output.LayerNorm"}
-    for i in range(n_layer):
-        for mine, theirs in parts.items():
-            names += [(f"layers.{i}.{mine}.{w}", f"bert.encoder.layer.{i}.{theirs}.{w}") for w in ("weight", "bias")]
-    p = "cls.predictions."
-    names += [("head.dense.weight", p + "transform.dense.weight"), ("head.dense.bias", p + "transform.dense.bias"),
-              ("head.ln.weight", p + "transform.LayerNorm.weight"), ("head.ln.bias", p + "transform.LayerNorm.bias"),
-              ("head.decoder.bias", p + "bias")]
-    return names
