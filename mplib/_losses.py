@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -14,6 +14,8 @@ from mplib.transfer import map_tensors, to_device
 if TYPE_CHECKING:
     from mplib._runner import Runner
 
+Count = Callable[[Any], int]  # targets of a micro-batch -> how many items its loss is a mean over
+
 
 class BadLoss(ValueError):
     """loss_fn returned something other than a scalar tensor."""
@@ -24,10 +26,17 @@ class InLoss(Exception):
 
 
 class MicrobatchLoss:
-    """loss_on="microbatch": each micro-batch's loss on the last stage, weighted by its share of the batch."""
+    """loss_on="microbatch": each micro-batch's loss on the last stage, weighted by its share of the batch.
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], targets: Any, sizes: list[int]) -> None:
-        self.fn, self.targets, self.sizes = loss_fn, scatter(targets, len(sizes)), sizes
+    The share is of what the loss is a mean over: examples, or with `count` the items counted in each
+    micro-batch's targets (tokens whose label is not -100), as HF divides by `num_items_in_batch`. Then the
+    weighted sum is the batch's mean over tokens under any schedule, however padding and ignored labels fall.
+    """
+
+    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], targets: Any, sizes: list[int],
+                 count: Count | None = None) -> None:
+        self.fn, self.targets = loss_fn, scatter(targets, len(sizes))
+        self.weights = shares([count(t) for t in self.targets] if count is not None else sizes, sizes)
         self.losses: dict[int, Tensor] = {}
 
     @staticmethod
@@ -36,8 +45,10 @@ class MicrobatchLoss:
 
     def on_output(self, run: Runner, w: int, m: int, y: Any) -> Any:
         """The last stage's output of micro-batch m, inside its forward: becomes what its backward starts from."""
-        loss = _scalar(self.fn(y, to_device(self.targets[m], run.devices[w])), "micro-batch")
-        loss = loss * (self.sizes[m] / sum(self.sizes))  # the full batch's mean, micro-batch by micro-batch
+        if self.weights[m] == 0:  # nothing counted here (all labels ignored): its mean is 0/0, its share none
+            loss = nothing(y)
+        else:  # the full batch's mean, micro-batch by micro-batch
+            loss = _scalar(self.fn(y, to_device(self.targets[m], run.devices[w])), "micro-batch") * self.weights[m]
         self.losses[m] = loss.detach()
         return loss
 
@@ -45,7 +56,7 @@ class MicrobatchLoss:
         pass
 
     def seed(self, m: int, y: Any) -> tuple[list[Tensor], list[Tensor] | None]:
-        return [y], None  # y is the micro-batch's weighted loss
+        return ([y] if y.requires_grad else []), None  # y is the micro-batch's weighted loss
 
     def value(self) -> Tensor:
         return torch.stack([self.losses[m] for m in range(len(self.losses))]).sum()
@@ -54,8 +65,9 @@ class MicrobatchLoss:
 class GatheredLoss:
     """loss_on="gathered": one loss on the gathered output; its gradient per output starts each backward."""
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], targets: Any, sizes: list[int]) -> None:
-        self.fn, self.targets, self.chunks = loss_fn, targets, len(sizes)
+    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], targets: Any, sizes: list[int],
+                 count: Count | None = None) -> None:
+        self.fn, self.targets, self.chunks = loss_fn, targets, len(sizes)  # one loss: nothing to weigh
         self.outputs: dict[int, Any] = {}  # the last stage's outputs, as fresh leaves
         self.grads: dict[int, list] = {}  # d loss / d (output of micro-batch m)
         self.loss: Tensor | None = None
@@ -107,6 +119,19 @@ def pairs(y: Any, grads: list) -> tuple[list[Tensor], list[Tensor]]:
     """The outputs that take part in the backward, with their gradients."""
     both = [(o, g) for o, g in zip(_leaves(y), grads) if g is not None and o.requires_grad]
     return [o for o, _ in both], [g for _, g in both]
+
+
+def shares(counts: list[int], sizes: list[int]) -> list[float]:
+    """Each micro-batch's share of the batch's counted items (of its examples when nothing is counted)."""
+    total = sum(counts)
+    return [c / total for c in counts] if total else [s / sum(sizes) for s in sizes]
+
+
+def nothing(y: Any) -> Tensor:
+    """A zero loss on an output, whose backward sends zero gradients (a loss it carries is left out: 0/0)."""
+    parts = [v for k, v in y.items() if k != "loss"] if isinstance(y, Mapping) else y
+    grads = [t.sum() for t in _leaves(parts) if t.requires_grad]
+    return sum(grads) * 0.0 if grads else torch.zeros(())
 
 
 def _scalar(loss: Any, over: str) -> Tensor:

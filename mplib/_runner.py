@@ -100,12 +100,14 @@ class Runner:
     from the mailbox, where the producing action left it under its own key.
     """
 
-    def __init__(self, pipe: Any, batch: Any, targets: Any = None, train: bool = False) -> None:
+    def __init__(self, pipe: Any, batch: Any, targets: Any = None, train: bool = False,
+                 loss_fn: Callable[[Any, Any], Tensor] | None = None, count: Callable[[Any], int] | None = None) -> None:
         self.schedule, self.stages, self.devices = pipe.schedule, pipe._stages, pipe.devices
         self.checkpoint, self.threads, self.moves = pipe.checkpoint, pipe.threads, pipe._moves
         self.non_blocking, self.train, self.last = pipe._non_blocking, train, len(pipe._stages) - 1
         self.mbs = scatter(batch, pipe.chunks)
-        self.loss = LOSSES[pipe.loss_on](pipe.loss_fn, targets, [batch_size(m) for m in self.mbs]) if train else None
+        sizes = [batch_size(m) for m in self.mbs]
+        self.loss = LOSSES[pipe.loss_on](loss_fn, targets, sizes, count) if train else None
         self.box, self.outputs = Mailbox(pipe._consumers[train]), {}
         self.autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)]
         self.random = pipe._seeds is not None or (pipe.model.training and _has_dropout(pipe.model))
@@ -179,9 +181,10 @@ class Runner:
 
     def _forward(self, w: int, a: Action) -> None:
         j, m, stage, tl, sync = a.stage, a.microbatch, self.stages[a.stage], self.timeline, self.sync(w)
-        if j == 0:
+        kwargs: dict = {}
+        if j == 0:  # the batch: a tuple is positional inputs, a dict (an HF batch) keyword ones
             x = to_device(self.mbs[m], stage.device)
-            args = x if isinstance(x, tuple) else (x,)
+            args, kwargs = ((), x) if isinstance(x, dict) else (x if isinstance(x, tuple) else (x,), {})
         for dep in self.schedule.deps(a):  # F of the stage before: its output
             _, x, _ = self.box.get(dep)
             cut = self.schedule.crosses(dep, a)
@@ -194,7 +197,8 @@ class Runner:
         counter = SavedBytes(self.params, whole_storages=False)
         with tl.record(w, "forward", sync=sync, stage=j, microbatch=m, label=f"F{m}"), self._rng(j, m), counter:
             # early_stop=False: the recompute runs the whole stage, so its end is a recorded event
-            y = _checkpoint(stage, *args, use_reentrant=False, early_stop=False) if ckpt else stage(*args)
+            y = (_checkpoint(stage, *args, use_reentrant=False, early_stop=False, **kwargs) if ckpt
+                 else stage(*args, **kwargs))
             if j == self.last and self.loss is not None:
                 y = self.loss.on_output(self, w, m, y)
         if not self.train:

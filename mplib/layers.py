@@ -2,6 +2,7 @@
 
 A block is the unit that `split`, `profile` and `partition` place on a device. Block 0
 takes the model's inputs; every later block takes the one value the block before returned.
+Hugging Face models are cut by `mplib.hf`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
+
+from mplib import hf
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Blocks:
     names: list[str]
     tied: list[list[tuple[int, str]]] = field(default_factory=list)
     source: nn.Module | None = None  # the model the blocks came from (its state_dict keys rule)
+    hf: nn.Module | None = None  # the HF model, when they came from one: its call, loss and generate
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -41,9 +44,9 @@ def blocks(model: Any) -> Blocks:
     """Split `model` into its ordered blocks.
 
     Accepts an `nn.Sequential` or `nn.ModuleList`, a list of modules, an object with a `.blocks()`
-    method (every mplib model), a `Blocks`, and HF `GPT2LMHeadModel` / `BertForMaskedLM` (wrapped in small
-    adapters: embeddings, one block per layer, head; attention masks travel with the hidden
-    states). The blocks hold the model's own modules: nothing is copied.
+    method (every mplib model), a `Blocks`, and Hugging Face models cut by one rule (`mplib.hf`): the
+    embeddings, one block per layer of the model's own list, the head (GPT-2, BERT, Llama, Qwen2,
+    Mistral, with any of their task heads). The blocks hold the model's own modules: nothing is copied.
 
     Example:
         b = mplib.layers.blocks(model)
@@ -61,17 +64,18 @@ def blocks(model: Any) -> Blocks:
     elif callable(getattr(model, "blocks", None)):
         mods = list(model.blocks())
         names = _names_in(model, mods)
-    elif _hf_kind(model) is not None:
-        mods, names = _hf_blocks(model)
+    elif hf.is_hf(model):
+        mods, names = hf.blocks(model)
     else:
         raise TypeError(
             f"mplib.layers.blocks does not know how to cut a {type(model).__qualname__} into blocks; "
             "it takes an nn.Sequential / nn.ModuleList, a non-empty list of nn.Modules, an object with a "
-            ".blocks() method (mplib models), or HF GPT2LMHeadModel / BertForMaskedLM. Pass your model as a list of "
+            f".blocks() method (mplib models), or an HF model built on {', '.join(hf.SUPPORTED)} (e.g. "
+            "GPT2LMHeadModel, BertForSequenceClassification, LlamaForCausalLM). Pass your model as a list of "
             "modules whose chain equals its forward: blocks([embed, *layers, head])")
     if not mods:
         raise ValueError(f"{type(model).__qualname__} has no blocks; a model needs at least one to be split")
-    return Blocks(mods, names, find_tied(mods), source)
+    return Blocks(mods, names, find_tied(mods), source, model if hf.is_hf(model) else None)
 
 
 def find_tied(mods: Sequence[nn.Module]) -> list[list[tuple[int, str]]]:
@@ -91,118 +95,3 @@ def _names_in(model: Any, mods: list[nn.Module]) -> list[str]:
     """Each block's qualified name inside `model` (e.g. 'layers.0'), or its class name."""
     where = {id(m): n for n, m in model.named_modules()} if isinstance(model, nn.Module) else {}
     return [where.get(id(m)) or f"{i}.{type(m).__name__}" for i, m in enumerate(mods)]
-
-
-def _hf_kind(model: Any) -> str | None:
-    try:
-        from transformers import BertForMaskedLM, GPT2LMHeadModel
-    except ImportError:
-        return None
-    if isinstance(model, GPT2LMHeadModel):
-        return "gpt2"
-    if isinstance(model, BertForMaskedLM):
-        return "bert"
-    return None
-
-
-def _hf_blocks(model: nn.Module) -> tuple[list[nn.Module], list[str]]:
-    if _hf_kind(model) == "gpt2":
-        t = model.transformer
-        layers = [GPT2Layer(h) for h in t.h]
-        mods = [GPT2Embed(t), *layers, GPT2Head(t.ln_f, model.lm_head)]
-        return mods, ["embed", *[f"h.{i}" for i in range(len(layers))], "head"]
-    b = model.bert
-    layers = [BertLayerBlock(layer) for layer in b.encoder.layer]
-    mods = [BertEmbed(b), *layers, BertHead(model.cls)]
-    return mods, ["embeddings", *[f"layer.{i}" for i in range(len(layers))], "head"]
-
-
-# HF adapters. Each holds the HF model's own submodules; the chain equals
-# `model(input_ids, attention_mask=mask, use_cache=False).logits`.
-# Between blocks the value is (hidden (B, T, C), mask): the mask HF builds once from the
-# attention mask (None when the attention kernel needs none).
-
-
-class GPT2Embed(nn.Module):
-    """GPT-2 token + position embeddings, and the causal mask every layer reads."""
-
-    def __init__(self, transformer: nn.Module) -> None:
-        super().__init__()
-        self.wte, self.wpe, self.drop = transformer.wte, transformer.wpe, transformer.drop
-        self.config = transformer.config  # a plain attribute: configs are not modules
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Any]:
-        from transformers.masking_utils import create_causal_mask
-
-        embeds = self.wte(input_ids)  # (B, T, C)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
-        hidden = embeds + self.wpe(position_ids)
-        if attention_mask is not None:
-            attention_mask = attention_mask.view(input_ids.shape[0], -1)
-        mask = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
-        return self.drop(hidden), mask
-
-
-class GPT2Layer(nn.Module):
-    """One GPT-2 transformer layer; passes the mask on."""
-
-    def __init__(self, h: nn.Module) -> None:
-        super().__init__()
-        self.h = h
-
-    def forward(self, x: tuple[Tensor, Any]) -> tuple[Tensor, Any]:
-        hidden, mask = x
-        return self.h(hidden, attention_mask=mask, use_cache=False), mask
-
-
-class GPT2Head(nn.Module):
-    """Final layer norm and the language-model head (its weight is tied to `wte`)."""
-
-    def __init__(self, ln_f: nn.Module, lm_head: nn.Module) -> None:
-        super().__init__()
-        self.ln_f, self.lm_head = ln_f, lm_head
-
-    def forward(self, x: tuple[Tensor, Any]) -> Tensor:
-        return self.lm_head(self.ln_f(x[0]))  # (B, T, vocab)
-
-
-class BertEmbed(nn.Module):
-    """BERT word + position + token-type embeddings, and the padding mask every layer reads."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.embeddings = bert.embeddings
-        self.config = bert.config
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> tuple[Tensor, Any]:
-        from transformers.masking_utils import create_bidirectional_mask
-
-        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, C)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
-        return hidden, mask
-
-
-class BertLayerBlock(nn.Module):
-    """One BERT encoder layer; passes the mask on."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: tuple[Tensor, Any]) -> tuple[Tensor, Any]:
-        hidden, mask = x
-        out = self.layer(hidden, mask)
-        return (out[0] if isinstance(out, tuple) else out), mask
-
-
-class BertHead(nn.Module):
-    """The masked-LM head: transform, then the decoder tied to the word embeddings."""
-
-    def __init__(self, cls: nn.Module) -> None:
-        super().__init__()
-        self.cls = cls
-
-    def forward(self, x: tuple[Tensor, Any]) -> Tensor:
-        return self.cls(x[0])  # (B, T, vocab)

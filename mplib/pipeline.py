@@ -6,23 +6,24 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from mplib import _batchnorm
-from mplib._losses import LOSSES, BadLoss
+from mplib import _batchnorm, _hf_split
+from mplib._losses import LOSSES, BadLoss, Count
 from mplib._runner import Failure, Runner, consumers, microbatch_seed
 from mplib.schedule import NAMES, build
 from mplib.timeline import Timeline
 from mplib.worker import Workers
 
-__all__ = ["BATCH_NORM", "CHECKPOINT_MODES", "LOSS_ON", "LossFn", "Pipeline", "PipelineError", "microbatch_seed"]
+__all__ = ["BATCH_NORM", "CHECKPOINT_MODES", "ITEMS", "LOSS_ON", "LossFn", "Pipeline", "PipelineError", "microbatch_seed"]
 
 CHECKPOINT_MODES = ("never", "except_last", "always")
 LOSS_ON = tuple(LOSSES)  # "microbatch", "gathered"
 BATCH_NORM = ("refuse", "deferred")
+ITEMS = ("examples", "tokens")  # what a micro-batch's loss is a mean over, for its weight
 LossFn = Callable[[Any, Any], Tensor]  # loss_fn(output, targets) -> scalar
 
 
@@ -35,16 +36,21 @@ class Pipeline(nn.Module):
 
     `step(batch, targets)` runs forward and backward (gradients accumulate in the parameters) and
     returns the loss `loss_fn(output, targets)`. `loss_on="microbatch"` (the default) computes it
-    per micro-batch on the last stage, weighted by micro-batch size: exact for a loss that is a
-    mean over examples, also when the last micro-batch is smaller, but not for a sum, nor for a
-    mean over tokens when `ignore_index` leaves micro-batches with different token counts.
-    `loss_on="gathered"` is exact for any loss: every forward runs, the last stage's outputs are
-    gathered, the loss is computed once on the full output, and its gradient with respect to each
-    micro-batch's output starts that micro-batch's backward. It needs every forward before the
-    first backward, so it runs only under "gpipe" (fill-drain). `pipeline(batch)` is
-    inference (no graph) and returns the gathered output. A tuple batch is unpacked into stage 0's
-    positional inputs. `.timeline` holds the last run's events and the activation bytes each
-    device held (counted with saved_tensors_hooks, parameters excluded).
+    per micro-batch on the last stage, weighted by the micro-batch's share of what the loss is a
+    mean over: its examples (`items="examples"`, the default for a loss_fn), or its counted tokens,
+    those whose target is not -100 (`items="tokens"`, or a function of the targets returning the
+    count), as HF divides by `num_items_in_batch`. Either is exact under every schedule for a mean
+    over those items, also when the last micro-batch is smaller or padding and ignored labels fall
+    unevenly; a sum is not. `loss_on="gathered"` is exact for any loss: every forward runs, the last
+    stage's outputs are gathered, the loss is computed once on the full output, and its gradient
+    with respect to each micro-batch's output starts that micro-batch's backward. It needs every
+    forward before the first backward, so it runs only under "gpipe" (fill-drain). `pipeline(batch)`
+    is inference (no graph) and returns the gathered output. A tuple batch is unpacked into stage
+    0's positional inputs, a dict into its keyword inputs. An HF split model's batch may hold its
+    "labels": without a loss_fn, the model's own loss runs per micro-batch on the last stage, its
+    items the model's (a causal LM's labels shifted by one, a classifier's examples).
+    `.timeline` holds the last run's events and the activation bytes each device held (counted
+    with saved_tensors_hooks, parameters excluded).
 
     `checkpoint`: "never" keeps every activation until its backward; "always" keeps only each
     stage's inputs and recomputes the forward during backward; "except_last" checkpoints every
@@ -79,7 +85,7 @@ class Pipeline(nn.Module):
     def __init__(self, split_model: nn.Module, chunks: int, schedule: str = "gpipe", checkpoint: str = "never",
                  loss_fn: LossFn | None = None, virtual: int = 1, seed: int | None = None,
                  threads_per_worker: int | None = None, loss_on: str = "microbatch",
-                 batch_norm: str = "refuse") -> None:
+                 batch_norm: str = "refuse", items: str | Count | None = None) -> None:
         super().__init__()
         if not hasattr(split_model, "stages") or not hasattr(split_model, "devices"):
             raise TypeError(f"Pipeline runs a SplitModel (with .stages and .devices), got "
@@ -95,6 +101,9 @@ class Pipeline(nn.Module):
         _check_choice("loss_on", loss_on, LOSS_ON)
         LOSSES[loss_on].check(schedule)
         _check_choice("batch_norm", batch_norm, BATCH_NORM)
+        if not (items is None or callable(items)):
+            _check_choice("items", items, ITEMS)
+        self.items = items
         self.chunks, self.checkpoint, self.loss_fn, self.loss_on, self.batch_norm = \
             chunks, checkpoint, loss_fn, loss_on, batch_norm
         self.threads, self._non_blocking = threads_per_worker, bool(getattr(split_model, "non_blocking", False))
@@ -120,22 +129,46 @@ class Pipeline(nn.Module):
         """
         self._check_batch_norm(train=False)
         with torch.no_grad():
-            return self._run(Runner(self, batch))
+            return self._run(Runner(self, dict(batch) if isinstance(batch, Mapping) else batch))
 
-    def step(self, batch: Any, targets: Any) -> Tensor:
+    def step(self, batch: Any, targets: Any = None) -> Tensor:
         """Forward and backward of one batch; gradients accumulate into `.grad`. Returns the loss.
+
+        An HF batch (a dict with "labels") needs no targets: without a loss_fn the model's own loss
+        runs on each micro-batch, weighted by its share of the batch's counted labels.
 
         Example:
             pipe.zero_grad(); loss = pipe.step(x, y); optimizer.step()
+            loss = Pipeline(split(llama, devices), chunks=4, schedule="1f1b").step(tokenizer_batch)
         """
-        if self.loss_fn is None:
-            raise ValueError("step needs a loss: build Pipeline(..., loss_fn=fn) with fn(output, targets) "
-                             "returning a scalar, e.g. mplib.train.lm_loss")
+        batch = dict(batch) if isinstance(batch, Mapping) else batch  # a BatchEncoding is a dict, too
+        fn, targets, count = self._loss_of(batch, targets)
         if not torch.is_grad_enabled():
             raise RuntimeError("step runs backward, but gradients are disabled here (torch.no_grad); "
                                "call pipe(batch) for inference, or step outside torch.no_grad()")
         self._check_batch_norm(train=True)
-        return self._run(Runner(self, batch, targets, train=True))
+        return self._run(Runner(self, batch, targets, train=True, loss_fn=fn, count=count))
+
+    def _loss_of(self, batch: Any, targets: Any) -> tuple[LossFn, Any, Count | None]:
+        """(loss_fn, targets, count): the model's own loss for an HF batch without a loss_fn, else loss_fn."""
+        model = getattr(self.model, "hf", None)
+        labelled = targets is None and isinstance(batch, dict) and "labels" in batch
+        if labelled and model is not None:
+            _hf_split.check_labels(model, batch)
+        if labelled and self.loss_fn is None and model is not None:
+            if self.loss_on == "gathered":
+                raise ValueError("the model's own loss runs per micro-batch, weighted by its share of the counted "
+                                 "labels, exact under every schedule: use loss_on='microbatch', or pass loss_fn")
+            return _model_loss, batch["labels"], _count(self.items, _hf_split.items(model))
+        if labelled:
+            targets = batch.pop("labels")  # batch is the step's own copy
+        if self.loss_fn is None:
+            raise ValueError("step needs a loss: build Pipeline(..., loss_fn=fn) with fn(output, targets) "
+                             "returning a scalar, e.g. mplib.train.lm_loss (an HF split model brings its own "
+                             "loss: pass it a dict batch with 'labels')")
+        if targets is None:
+            raise ValueError("step needs targets: pipe.step(batch, targets), or a dict batch with 'labels'")
+        return self.loss_fn, targets, _count(self.items, None)
 
     def close(self) -> None:
         """End the worker threads now (a later step starts new ones); collecting the pipeline does the same.
@@ -170,6 +203,19 @@ class Pipeline(nn.Module):
             for norm in self._norms:
                 if norm[2].training:
                     raise _batchnorm.refusal(norm, self.chunks)
+
+
+def _model_loss(output: Any, labels: Any) -> Tensor:
+    return output.loss  # the HF model's own, computed on the last stage from this micro-batch's labels
+
+
+def _count(items: str | Count | None, default: Count | None) -> Count | None:
+    """What a micro-batch's loss is a mean over: None for its examples, else a count of its targets."""
+    if items is None:
+        return default
+    if items == "tokens":
+        return lambda targets: int((targets != _hf_split.IGNORE).sum())
+    return None if items == "examples" else items
 
 
 def _check_choice(what: str, value: str, known: tuple[str, ...]) -> None:

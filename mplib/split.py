@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from mplib import _hf_split
+from mplib._unsplit_keys import from_unsplit_keys, key_map, to_unsplit_keys
 from mplib.env import check_device
 from mplib.layers import blocks as to_blocks
 from mplib.timeline import Timeline
@@ -83,6 +85,10 @@ class SplitModel(nn.Module):
     uses the unsplit model's keys, so weights load into the single-device model and back
     exactly. The output stays on the last device. `record=True` keeps the timeline of the last
     forward (and its backward) in `.last_timeline`; `with model.timeline() as tl:` records a span.
+
+    A Hugging Face model keeps its interface: keyword inputs (`labels` too), its own `ModelOutput`
+    with `.loss` and `.logits`, `use_cache` (each layer's keys and values stay on its stage's
+    device), `generate()` and `save_pretrained()`; `.hf` is the model, `.config` its config.
     """
 
     def __init__(self, model_or_blocks: Any, devices: Sequence[Device], balance: Sequence[int] | Any = None,
@@ -101,15 +107,18 @@ class SplitModel(nn.Module):
             Stage([m for b, m in enumerate(parts.modules) if stage_of[b] == i], dev, i)
             for i, dev in enumerate(self.devices))
         borrowed = self._share_tied(parts, stage_of)
-        self._keys, self._aliases = _key_map(source_state, super().state_dict(keep_vars=True))
+        self._keys, self._aliases = key_map(source_state, super().state_dict(keep_vars=True))
         self.plan = SplitPlan(self.devices, self.balance,
                               [[name for b, name in enumerate(parts.names) if stage_of[b] == i]
                                for i in range(len(self.stages))],
                               [sum(p.numel() for p in s.parameters()) for s in self.stages], borrowed)
         for stage in self.stages:
             stage.to(stage.device)
-        self.register_state_dict_post_hook(_state_dict_to_unsplit_keys)
-        self.register_load_state_dict_pre_hook(_load_from_unsplit_keys)
+        self.register_state_dict_post_hook(to_unsplit_keys)
+        self.register_load_state_dict_pre_hook(from_unsplit_keys)
+        object.__setattr__(self, "hf", parts.hf)  # not a submodule: its modules are the stages'
+        self.config = getattr(parts.hf, "config", None)
+        self._owner = _Owner()  # marks the KV caches this split fills (a deep copy gets its own)
 
     def _share_tied(self, parts: Any, stage_of: list[int]) -> list[list[str]]:
         """A tied weight stays on the first stage that uses it; later stages borrow it."""
@@ -144,6 +153,36 @@ class SplitModel(nn.Module):
             self._timeline = previous
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.hf is None:
+            return self._chain(args, kwargs)
+        return _hf_split.call(self, args, kwargs)  # keyword inputs, labels, caches; its own ModelOutput
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The HF model's own `generate` (greedy, sampling, ...), every forward running through the stages.
+
+        Example:
+            tokens = split(llama, ["cpu", "cpu"]).generate(ids, max_new_tokens=8, do_sample=False)
+        """
+        if self.hf is None:
+            raise TypeError("generate is the HF model's own; this SplitModel was not built from an HF model")
+        return _hf_split.generate(self, args, kwargs)
+
+    def save_pretrained(self, path: str, **kwargs: Any) -> None:
+        """Save in HF format from every stage, so that `from_pretrained(path)` loads it on one device.
+
+        Example:
+            split_model.save_pretrained("out"); LlamaForCausalLM.from_pretrained("out")
+        """
+        if self.hf is None:
+            raise TypeError("save_pretrained is the HF model's own; save this SplitModel's state_dict() instead")
+        _hf_split.save_pretrained(self, path, kwargs)
+
+    def train(self, mode: bool = True) -> SplitModel:
+        if self.hf is not None:
+            self.hf.train(mode)  # the HF model's own flag too: its forward may read self.training
+        return super().train(mode)
+
+    def _chain(self, args: tuple, kwargs: dict) -> Any:
         tl = self._timeline
         if tl is None and self.record:
             tl = self.last_timeline = Timeline(lanes=self.lanes())
@@ -193,40 +232,8 @@ class SplitModel(nn.Module):
         return _IncompatibleKeys(missing, unexpected)
 
 
-# state_dict speaks the unsplit model's keys, also when a SplitModel sits inside another module.
-def _state_dict_to_unsplit_keys(module: SplitModel, state: dict, prefix: str, local_metadata: Any) -> None:
-    for alias in module._aliases:  # a second name of a tensor within one stage (HF BERT's decoder.bias)
-        state.pop(prefix + alias, None)
-    own = {k: state.pop(prefix + k) for k in dict.fromkeys(module._keys.values()) if prefix + k in state}
-    for key, own_key in module._keys.items():
-        if own_key in own:
-            state[prefix + key] = own[own_key]
-
-
-def _load_from_unsplit_keys(module: SplitModel, state: dict, prefix: str, *args: Any) -> None:
-    for key, own_key in module._keys.items():
-        if prefix + key in state:
-            value = state.pop(prefix + key)
-            state.setdefault(prefix + own_key, value)  # a tied weight: the first of its keys wins
-    for alias, own_key in module._aliases.items():  # so that a strict load finds every own key
-        if prefix + own_key in state:
-            state[prefix + alias] = state[prefix + own_key]
-
-
-def _key_map(source_state: Mapping[str, Tensor],
-             own_state: Mapping[str, Tensor]) -> tuple[dict[str, str], dict[str, str]]:
-    """Unsplit key -> own key, matched by tensor identity (tied keys map to the one owner key);
-    and own aliases: a later own key of a tensor -> its first own key."""
-    own_by_id: dict[int, str] = {}
-    aliases = {}
-    for key, t in own_state.items():
-        first = own_by_id.setdefault(id(t), key)
-        if first != key:
-            aliases[key] = first
-    keys = {key: own_by_id[id(t)] for key, t in source_state.items() if id(t) in own_by_id}
-    named = {id(t) for t in source_state.values()}
-    keys.update({k: k for k, t in own_state.items() if id(t) not in named and k not in aliases})  # unnamed
-    return keys, aliases
+class _Owner:
+    """A token of one SplitModel, set on the caches it fills."""
 
 
 class _BackwardClock:

@@ -33,7 +33,7 @@ def assert_same_outputs_and_grads(model, *args, devices=CPU3, balance=None, **kw
     """Split `model`, run both with a weighted-sum loss, compare outputs and every parameter's grad."""
     ref = copy.deepcopy(model)
     sm = split(model, devices, balance)
-    out, ref_out = sm(*args, **kwargs), logits_of(ref(*args, **kwargs))
+    out, ref_out = logits_of(sm(*args, **kwargs)), logits_of(ref(*args, **kwargs))  # an HF split returns its ModelOutput
     torch.testing.assert_close(out, ref_out)
     weights = torch.randn_like(ref_out)
     (out * weights).sum().backward()
@@ -120,7 +120,7 @@ def test_hf_gpt2_trained_split_saves_with_save_pretrained_and_reloads_equal(tmp_
     before = {k: v.clone() for k, v in sm.state_dict().items()}
     opt = torch.optim.SGD(sm.parameters(), lr=0.1)
     ids = torch.randint(0, 64, (2, 8))
-    nn.functional.cross_entropy(sm(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    nn.functional.cross_entropy(sm(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     opt.step()
     assert not torch.equal(before["lm_head.weight"], sm.state_dict()["lm_head.weight"])  # it trained
     single = GPT2LMHeadModel(GPT2Config(**GPT2_TINY))
@@ -219,14 +219,14 @@ def test_stages_chained_by_hand_equal_the_split_model():
     x = sm.stages[0](ids, attention_mask=mask)  # stage 0 takes the model's inputs
     for stage in sm.stages[1:]:
         x = stage(x)  # later stages take one value: here (hidden, mask)
-    torch.testing.assert_close(x, sm(ids, attention_mask=mask))
+    torch.testing.assert_close(x, sm(ids, attention_mask=mask).logits)  # the chain of stages returns the logits
 
 
 def test_a_deep_copy_of_a_split_model_keeps_one_tied_weight_and_its_outputs():
     sm = split(GPT2LMHeadModel(GPT2Config(**GPT2_TINY)), CPU3)
     twin = copy.deepcopy(sm)
     ids, _ = ids_and_mask()
-    torch.testing.assert_close(twin(ids), sm(ids))
+    torch.testing.assert_close(twin(ids).logits, sm(ids).logits)
     state = twin.state_dict(keep_vars=True)
     assert state["lm_head.weight"] is state["transformer.wte.weight"]
     assert state["lm_head.weight"] is not sm.state_dict(keep_vars=True)["lm_head.weight"]
@@ -266,7 +266,7 @@ def test_mplib_gpt_tied_head_stays_one_parameter_across_stages():
 def test_hf_bert_trained_split_saves_with_save_pretrained_and_reloads_equal(tmp_path):
     sm = split(BertForMaskedLM(BertConfig(**BERT_TINY)), CPU3, balance=[2, 2, 1])
     ids, mask = ids_and_mask()
-    logits = sm(ids, attention_mask=mask)
+    logits = sm(ids, attention_mask=mask).logits
     nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
     torch.optim.SGD(sm.parameters(), lr=0.1).step()
     single = BertForMaskedLM(BertConfig(**BERT_TINY))
@@ -276,7 +276,7 @@ def test_hf_bert_trained_split_saves_with_save_pretrained_and_reloads_equal(tmp_
     for key, value in sm.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
     # the reloaded model computes what the trained split computes (dropout is 0 in BERT_TINY)
-    torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, sm(ids, attention_mask=mask))
+    torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, sm(ids, attention_mask=mask).logits)
 
 
 @pytest.mark.parametrize("ctor, config, n_devices", [
@@ -297,7 +297,7 @@ def test_split_from_cpu_onto_a_gpu_matches_the_cpu_model_in_outputs_and_grads():
     ref = copy.deepcopy(model)
     sm = split(model, ["cpu", "cuda:0", "cuda:0"])  # a cut from host to GPU: pinned, non_blocking, copy stream
     ids, mask = ids_and_mask()
-    out, ref_out = sm(ids, attention_mask=mask), ref(ids, attention_mask=mask).logits
+    out, ref_out = sm(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
     assert out.device.type == "cuda"
     # GPU and CPU kernels sum in different orders: fp32 agreement to ~1e-5, not bit for bit
     torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-4, atol=1e-5)
