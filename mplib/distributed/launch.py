@@ -1,10 +1,11 @@
-"""Several processes on this machine under torch.distributed: `launch(fn, nprocs)` runs and bounds them.
+"""Several processes under torch.distributed: `launch(fn, nprocs)` runs and bounds them here; `init` joins torchrun's.
 
 Each process is spawned fresh (torch.multiprocessing), joins a gloo process group through a
 TCPStore that this process serves on 127.0.0.1 (a port the OS picks free when it binds, so no
 other job can take it in between; a timeout on every collective), runs `fn(rank, world_size, *args)` and sends its
 return value back. A rank that raises or dies ends the whole job within `grace` seconds, and the
 whole job ends by `timeout`: `launch` raises naming the rank and why, and never hangs.
+Under `torchrun` (one machine or several), each process calls `init()` instead.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime
 import io
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import time
@@ -48,7 +50,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120
     if timeout <= 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
     _check_importable(fn)
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=timeout),
                           wait_for_workers=False)  # port 0: the OS picks a free one as it binds
     inbox, port, got, errors = ctx.Queue(), store.port, {}, {}
@@ -166,3 +168,47 @@ def _check_importable(fn: Callable[..., Any]) -> None:
         pickle.dumps(fn)
     except Exception as exc:  # noqa: BLE001 - the reason is in the message
         raise ValueError(f"{fn!r} cannot be sent to a fresh process ({exc}); define it at the top level of a module")
+
+
+def init(backend: str | None = None, timeout: float = 120.0) -> tuple[int, int]:
+    """Join the process group that `torchrun` set up (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); (rank, world size).
+
+    `backend`: "nccl" when this machine has a GPU, else "gloo"; `timeout` bounds the rendezvous and
+    every collective. A rendezvous that cannot be reached raises within `timeout` naming the address.
+
+    Example:
+        rank, world = mplib.distributed.init(timeout=60)   # in a script started by torchrun --nproc-per-node 2
+    """
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"init() joins a job started by torchrun, but {', '.join(missing)} is not set; start this "
+                           "script with `torchrun --nproc-per-node N script.py`, or call mplib.distributed.launch("
+                           "fn, N) from Python")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
+    except Exception as exc:  # noqa: BLE001 - the store's errors (DistStoreError, timeouts) say little alone
+        raise RuntimeError(f"rank {rank} of {world} could not join the rendezvous at {where} within {timeout:.0f} s "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); start the first "
+                           "node (rank 0) too, check the address and port (MASTER_ADDR/MASTER_PORT, torchrun's "
+                           "--rdzv-endpoint) and that no firewall blocks it") from exc
+    return rank, world
+
+
+def _context() -> Any:
+    """A forkserver that imported torch once: each rank forks from it in a fraction of a second, instead of
+    a fresh interpreter importing torch again (seconds per rank on a small machine). Fork is safe there:
+    the server has run no torch code (no threads, no CUDA); "spawn" where forkserver does not exist."""
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:
+        return mp.get_context("spawn")
+    # transformers too: mplib.layers asks it whether a model is an HF one (seconds to import)
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers.modeling_utils", "mplib.distributed",
+                                "mplib.layers"])
+    return ctx
