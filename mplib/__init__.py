@@ -34,6 +34,20 @@ class _CallableModule(types.ModuleType):
 for _module in (split, simulate):
     _module.__class__ = _CallableModule
 
+
+
+def __getattr__(name: str) -> types.ModuleType:
+    """`mplib.plot`, `mplib.partition`, ... after a bare `import mplib`: a submodule loads on first use."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module 'mplib' has no attribute {name!r}") from None
+
+
 __version__ = "0.1.0"
 
 __all__ = ["Pipeline", "SplitModel", "data", "env", "layers", "schedule", "simulate", "split",

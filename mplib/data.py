@@ -28,7 +28,7 @@ def load_text(name_or_path: str | Path = "corpus") -> str:
 
     Example:
         text = mplib.data.load_text()                 # data/corpus.txt
-        text = mplib.data.load_text("my_novel.txt")   # your own text
+        text = mplib.data.load_text("corpus.txt")     # a shipped file by name, or a path to your own
     """
     path = Path(name_or_path)
     if not path.exists():

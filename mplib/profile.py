@@ -155,7 +155,7 @@ def analytic(model: Any, sample_input: Any, flops_per_second: float, optimizer: 
     Bytes come from shapes of a float32 model; `dtype` rescales them (e.g. torch.bfloat16 halves).
 
     Example:
-        costs = mplib.profile.analytic(model, torch.zeros(8, 1024, dtype=torch.long), 300e12)
+        costs = mplib.profile.analytic(model, torch.zeros(8, 64, dtype=torch.long), 300e12)
         mplib.partition.optimal(costs, devices=4, chunks=8)
     """
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -53,7 +53,7 @@ def simulate(schedule: Schedule, forward: Costs, backward: Costs, transfer: Cost
     "recompute" event) before each backward, as activation checkpointing does.
 
     Example:
-        tl = simulate(build("1f1b", 4, 8), forward=[1] * 4, backward=[2] * 4, transfer=[0.1] * 3)
+        tl = simulate(mplib.schedule.build("1f1b", 4, 8), forward=[1] * 4, backward=[2] * 4, transfer=[0.1] * 3)
         tl.bubble_fraction([0, 1, 2, 3]); mplib.plot.timeline(tl)
     """
     K = schedule.num_devices
@@ -143,13 +143,14 @@ def step_times(schedule: Schedule | _Levels, forward: np.ndarray, backward: np.n
     `simulate(...).duration` for each row (the schedule starts at time 0).
 
     Example:
-        step_times(build("1f1b", 4, 8), np.ones((1, 4)), 2 * np.ones((1, 4)))   # array([33.])
+        step_times(mplib.schedule.build("1f1b", 4, 8), np.ones((1, 4)), 2 * np.ones((1, 4)))   # array([33.])
     """
     lv = schedule if isinstance(schedule, _Levels) else compile_levels(schedule)
     f, b = np.atleast_2d(np.asarray(forward, float)), np.atleast_2d(np.asarray(backward, float))
     batch, N = f.shape[0], len(lv.stage)
     cost = np.where(lv.forward, f[:, lv.stage], b[:, lv.stage])  # (batch, N)
-    c = np.zeros((batch, 1)) if transfer is None else np.atleast_2d(np.asarray(transfer, float))
+    cuts = int(lv.stage.max(initial=0))  # stages - 1
+    c = np.zeros((batch, cuts)) if transfer is None else np.atleast_2d(np.asarray(transfer, float))
     c = np.concatenate([c, np.zeros((batch, 1))], axis=1)  # column -1: no cut, no delay
     end = np.zeros((batch, N + 1))
     for nodes in lv.levels:
@@ -167,7 +168,7 @@ def critical_path(schedule: Schedule, forward: Costs, backward: Costs, transfer:
     path. Costs as in `simulate`.
 
     Example:
-        path = critical_path(build("1f1b", 2, 4), [1, 1], [2, 3])
+        path = critical_path(mplib.schedule.build("1f1b", 2, 4), [1, 1], [2, 3])
         sum(1 if a.kind == "F" else (2, 3)[a.stage] for a in path)   # the step: 19
     """
     f, b = _per_stage(forward, schedule, "forward"), _per_stage(backward, schedule, "backward")

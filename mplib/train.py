@@ -21,8 +21,8 @@ class History:
     """What `fit` saw: one training loss per step, evaluations as (step, value), wall seconds.
 
     Example:
-        history = fit(model, batches, loss_fn, steps=100, progress=False)
-        history.losses[-1], history.mean_last(10)
+        history = fit(model, batches, loss_fn, steps=3, progress=False)
+        history.losses[-1], history.mean_last(2)
     """
 
     losses: list[float] = field(default_factory=list)
@@ -119,7 +119,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: BatchLoss, steps: int
 
     Example:
         loss_fn = lambda m, b: lm_loss(m(b[0]), b[1])
-        history = fit(model, lm_batches(ids, 16, 64), loss_fn, steps=200, lr=3e-3)
+        history = fit(model, mplib.data.lm_batches(ids, 16, 64), loss_fn, steps=20, lr=3e-3)
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}; pass e.g. steps=100")

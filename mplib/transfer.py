@@ -24,7 +24,8 @@ def to_device(obj: Any, device: Device, non_blocking: bool = False, *, path: str
     memory and the copy runs on a side stream that the compute stream waits for (`_StreamCopy`).
 
     Example:
-        hidden, mask = to_device((hidden, mask), "cuda:1", non_blocking=True)
+        devices = mplib.env.get_devices(2)                      # [cuda:0, cuda:1], or CPU stand-ins
+        hidden, mask = to_device((hidden, mask), devices[1], non_blocking=True)
         out = to_device(model_output, "cpu")   # a ModelOutput stays a ModelOutput
     """
     dev = torch.device(device)

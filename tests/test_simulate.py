@@ -85,3 +85,20 @@ def test_chrome_trace_of_a_simulated_timeline_loads_as_json_with_one_event_per_a
     names = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M"}
     assert names == {"stage 0", "stage 1", "link 0->1"}
     assert any(e["ph"] == "C" and e["args"]["bytes"] == 20 for e in doc["traceEvents"])  # 2 in flight x 10 B
+
+
+def test_step_times_equals_simulate_for_every_row_with_and_without_transfers():
+    import numpy as np
+
+    from mplib.simulate import step_times
+
+    rng = np.random.default_rng(0)
+    for name, K, M, v in (("gpipe", 3, 4, 1), ("1f1b", 4, 8, 1), ("interleaved", 2, 4, 2)):
+        s = build(name, K, M, v)
+        S = s.num_stages
+        f, b, c = rng.uniform(0.5, 1.5, (5, S)), rng.uniform(1, 3, (5, S)), rng.uniform(0, 0.3, (5, S - 1))
+        for transfer in (None, c):
+            got = step_times(s, f, b, transfer)
+            want = [simulate(s, list(f[i]), list(b[i]), [] if transfer is None else list(c[i])).duration
+                    for i in range(5)]
+            assert got == pytest.approx(want, rel=1e-12)

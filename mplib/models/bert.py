@@ -200,7 +200,9 @@ class BERT(Encoder):
         """A BERT with the weights of a `transformers.BertForMaskedLM`.
 
         Example:
-            bert = BERT.from_hf(BertForMaskedLM(BertConfig(num_hidden_layers=2, hidden_size=64, ...)))
+            from transformers import BertConfig, BertForMaskedLM
+            bert = BERT.from_hf(BertForMaskedLM(BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=2, intermediate_size=128)))
             bert.to_hf()   # and back
         """
         config = BERTConfig(**_bert_hf.config_fields(hf_model.config))
@@ -269,7 +271,7 @@ def mask_tokens(ids: Tensor, mask_id: int, vocab_size: int, special_ids: Sequenc
 
     Example:
         x, y = mask_tokens(ids, tok.id("[MASK]"), tok.vocab_size, generator=torch.Generator().manual_seed(0))
-        loss = lm_loss(model(x, mask), y)
+        loss = mplib.train.lm_loss(model(x, mask), y)
     """
     if not 0 < prob < 1:
         raise ValueError(f"prob must be between 0 and 1 (BERT uses 0.15), got {prob}")

@@ -222,6 +222,7 @@ class GPT(nn.Module):
         """A GPT with the weights of a `transformers.GPT2LMHeadModel`.
 
         Example:
+            from transformers import GPT2Config, GPT2LMHeadModel
             gpt = GPT.from_hf(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2)))
             gpt.to_hf()   # and back
         """

@@ -241,8 +241,8 @@ def to_torch(ours: StackedRNN | RNN) -> nn.RNNBase:
     """A torch nn.RNN/LSTM/GRU (batch_first=True) with the weights of an mplib StackedRNN or RNN.
 
     Example:
-        fused = to_torch(model.rnn)
-        out, h_n = fused(x)
+        fused = to_torch(StackedRNN(RNNConfig(n_embd=8, hidden_size=16, n_layer=2, cell="lstm")))
+        out, (h_n, c_n) = fused(torch.randn(4, 10, 8))   # out (4, 10, 16)
     """
     layers = _our_layers(ours)
     first = layers[0].cell

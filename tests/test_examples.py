@@ -1,0 +1,185 @@
+"""Every `Example:` in a public docstring of the modules below runs, and its stated results hold.
+
+An example runs in its module's namespace plus the small objects its text names (`model`, `x`,
+`costs`, ...), built here from tiny configs. A line `expr  # <literal>` asserts that `expr` equals
+the literal (a tensor or a size compares as a list or tuple); `# e.g. ...` and prose comments
+are not checked. A line `stmt  # SomeError: ...` must raise SomeError.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import re
+import textwrap
+from fractions import Fraction
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mplib
+
+matplotlib.use("Agg")
+
+# The modules whose examples this test runs (the rest of mplib: see the note at the end).
+MODULES = [
+    "mplib.data", "mplib.env", "mplib.microbatch", "mplib.models.bert", "mplib.models.elmo",
+    "mplib.models._elmo_inputs", "mplib.models.gpt", "mplib.models.rnn", "mplib.partition",
+    "mplib.profile", "mplib.schedule", "mplib.simulate", "mplib.timeline", "mplib.train",
+    "mplib.transfer", "mplib.widgets", "mplib.worker",
+]
+_HEADING = re.compile(r"^Example[^\n]*:\n((?:[ \t]+.*\n?|[ \t]*\n)+)", re.M)
+_ERROR = re.compile(r"#\s*([A-Z]\w*(?:Error|Exception))\b")
+
+
+def _examples(module_name: str) -> list[tuple[str, str]]:
+    """(qualified name, code) of each public object's example in the module, methods included."""
+    module = importlib.import_module(module_name)
+    found, seen = [], set()
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
+            continue
+        members = [(name, obj)]
+        if inspect.isclass(obj):
+            members += [(f"{name}.{k}", v) for k, v in vars(obj).items()
+                        if not k.startswith("_") and (callable(v) or isinstance(v, (property, classmethod, staticmethod)))]
+        for qualname, member in members:
+            match = _HEADING.search(inspect.getdoc(member) or "")
+            if match and id(member) not in seen:
+                seen.add(id(member))
+                found.append((qualname, textwrap.dedent(match.group(1)).strip()))
+    return found
+
+
+CASES = [pytest.param(m, q, code, id=f"{m}.{q}") for m in MODULES for q, code in _examples(m)]
+
+
+def _fixtures() -> dict:
+    """The objects examples name, tiny: a GPT and its batch, a character tokenizer, costs, ..."""
+    from mplib.data import CharTokenizer, load_text
+    from mplib.models.gpt import GPT, GPT_TINY
+    from mplib.profile import BlockCosts
+
+    text = load_text()[:4000]
+    tok = CharTokenizer.from_text(text)
+    ids = torch.tensor(tok.encode(text))
+    model = GPT(dataclasses.replace(GPT_TINY, vocab_size=tok.vocab_size))
+    x, y = ids[:64].view(4, 16), ids[1:65].view(4, 16)
+    costs = BlockCosts(forward=[1e-3, 2e-3, 1e-3, 3e-3, 1e-3, 2e-3], backward=[2e-3, 4e-3, 2e-3, 6e-3, 2e-3, 4e-3],
+                       param_bytes=[400, 100, 100, 100, 100, 400])
+    return dict(text=text, tok=tok, ids=ids, model=model, x=x, y=y, costs=costs, mask=torch.ones(4, 16, dtype=torch.bool),
+                block=nn.Linear(8, 8), batches=[(x, y)] * 3, loss_fn=lambda m, b: mplib.train.lm_loss(m(b[0]), b[1]),
+                devices=mplib.env.get_devices(2), hidden=torch.randn(4, 16, 8), idx=x)
+
+
+def _module_fixtures(module_name: str, ns: dict) -> None:
+    """Objects some modules' examples mean by a name the others use for something else."""
+    if module_name == "mplib.models.rnn":
+        from mplib.models.rnn import CHAR_LSTM_TINY, CharRNN
+
+        ns["model"] = CharRNN(dataclasses.replace(CHAR_LSTM_TINY, vocab_size=ns["tok"].vocab_size))
+        ns["x"] = torch.randn(4, 10, 8)
+        ns["torch_lstm"], ns["ours"] = nn.LSTM(8, 16, num_layers=2, batch_first=True), None
+        from mplib.models.rnn import from_torch
+
+        ns["ours"] = from_torch(nn.LSTM(8, 16, num_layers=2, batch_first=True))
+    if module_name == "mplib.models.bert":
+        from mplib.data import WordTokenizer
+        from mplib.models.bert import BERT, BERT_TINY
+
+        ns["model"] = BERT(BERT_TINY)
+        ns["bert"] = ns["model"]
+        ns["tok"] = WordTokenizer.train(ns["text"], vocab_size=BERT_TINY.vocab_size)
+        ns["ids"], ns["mask"] = torch.randint(5, BERT_TINY.vocab_size, (2, 16)), torch.ones(2, 16, dtype=torch.bool)
+        ns["attention_mask"] = ns["mask"]
+    if module_name in ("mplib.models.elmo", "mplib.models._elmo_inputs"):
+        from mplib.models.elmo import ELMO_TINY, ELMo, WordVocab
+
+        ns["model"] = ELMo(ELMO_TINY)
+        ns["sents"] = [["the", "bat", "flew"], ["a", "bat"]]
+        ns["vocab"] = WordVocab.from_text(ns["text"], size=ELMO_TINY.vocab_size if hasattr(ELMO_TINY, "vocab_size") else 512)
+        ns["reps"] = torch.randn(2, 3, 5, 16)
+    if module_name == "mplib.microbatch":
+        ns["ids"] = torch.randint(0, ns["tok"].vocab_size, (8, 16))
+        ns["mask"] = torch.ones(8, 16, dtype=torch.bool)
+    if module_name == "mplib.timeline":
+        ns["x"] = torch.randn(4, 8)
+    if module_name == "mplib.transfer":
+        ns["model_output"] = {"logits": torch.randn(2, 3)}
+
+
+def _literal(comment: str):
+    """The value a result comment states, or None when it states none (prose, 'e.g.', ...)."""
+    text = comment.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        m = re.fullmatch(r"(Fraction\(\s*-?\d+\s*,\s*\d+\s*\))(?:\s.*)?", text)
+        if m:
+            return eval(m.group(1), {"Fraction": Fraction})
+        m = re.fullmatch(r"(array\(\[[\d., ]+\]\))(?:\s.*)?", text)
+        if m:
+            return ast.literal_eval(m.group(1)[len("array("):-1])
+        return None
+
+
+def _same(value, stated) -> bool:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if isinstance(stated, float) or isinstance(value, float):
+        return value == pytest.approx(stated, rel=1e-3)
+    return value == stated
+
+
+def _run(code: str, ns: dict) -> None:
+    """Run the example statement by statement, checking stated results and stated errors."""
+    tree = ast.parse(code)
+    lines = code.splitlines()
+    ends = [node.end_lineno for node in tree.body]
+    for i, node in enumerate(tree.body):
+        last = lines[node.end_lineno - 1]
+        final = i + 1 == len(ends) or ends[i + 1] != node.end_lineno  # a comment speaks of its line's last statement
+        comment = last.split("#", 1)[1] if "#" in last and final else ""
+        error = _ERROR.match("#" + comment)
+        src = ast.get_source_segment(code, node)
+        if error:
+            with pytest.raises(getattr(__builtins__, error.group(1), None) or Exception):
+                exec(compile(src, "<example>", "exec"), ns)
+            continue
+        stated = _literal(comment) if isinstance(node, ast.Expr) and comment else None
+        if stated is None:
+            exec(compile(src, "<example>", "exec"), ns)
+            continue
+        value = eval(compile(src, "<example>", "eval"), ns)
+        assert _same(value, stated), f"{src} gave {value!r}, the docstring says {stated!r}"
+
+
+@pytest.mark.parametrize("module_name, qualname, code", CASES)
+def test_example_runs(module_name: str, qualname: str, code: str, tmp_path, monkeypatch) -> None:
+    import matplotlib.pyplot as plt
+
+    monkeypatch.chdir(tmp_path)  # an example that writes a file writes it here
+    module = importlib.import_module(module_name)
+    ns = {**vars(module), "mplib": mplib, "torch": torch, "nn": nn, "np": np, "plt": plt,
+          "dataclasses": dataclasses, **_fixtures()}
+    _module_fixtures(module_name, ns)
+    try:
+        _run(code, ns)
+    finally:
+        plt.close("all")
+
+
+def test_every_listed_module_has_examples() -> None:
+    """The collector finds the examples (a broken pattern would make every case vanish)."""
+    counts = {m: len(_examples(m)) for m in MODULES}
+    assert all(counts.values()), counts
+    assert sum(counts.values()) >= 60
