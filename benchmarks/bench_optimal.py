@@ -46,7 +46,8 @@ def main() -> None:
     for schedule, m in cases:
         for label, link in links.items():
             costs = instance(n, 0, same_cuts=label != "varied cuts")
-            memory = sum(costs.state_bytes) // k * 3 + 60_000
+            in_flight = m if schedule == "gpipe" else min(m, k)  # micro-batches device 0 holds at its peak
+            memory = 3 * (sum(costs.state_bytes) + in_flight * sum(costs.activation_bytes)) // k
             seconds, plan = [], None
             for _ in range(args.repeats):
                 with warnings.catch_warnings():
