@@ -72,9 +72,18 @@ def check_labels(model: nn.Module, call: dict) -> None:
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match input_ids of shape {(B, T)}: "
                          f"{name} wants one label per token, shape (B, T) = {(B, T)}, -100 where no loss is "
                          "wanted (padding); e.g. labels = input_ids.masked_fill(attention_mask == 0, -100)")
-    if items(model) is None and (labels.dim() not in (1, 2) or labels.shape[0] != B):
+    if items(model) is None and tuple(labels.shape) not in _per_example(model, labels, B):
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match a batch of {B} examples: {name} "
-                         f"wants one label per example, shape ({B},) (or ({B}, num_labels) for multi-label)")
+                         f"wants one class index per example, shape ({B},) (float labels of shape "
+                         f"({B}, {model.config.num_labels}) for multi-label)")
+
+
+def _per_example(model: nn.Module, labels: Tensor, B: int) -> list[tuple[int, ...]]:
+    """The label shapes a classifier's own loss takes: HF picks the loss by num_labels and dtype."""
+    n = model.config.num_labels
+    if n == 1:  # regression
+        return [(B,), (B, 1)]
+    return [(B, n)] if labels.is_floating_point() else [(B,)]
 
 
 def check_call(model: nn.Module, call: dict, owner: object) -> None:
