@@ -31,14 +31,20 @@ MODULES = [
     "mplib.data", "mplib.env", "mplib.microbatch", "mplib.models.bert", "mplib.models.elmo",
     "mplib.models._elmo_inputs", "mplib.models.gpt", "mplib.models.rnn", "mplib.partition",
     "mplib.profile", "mplib.schedule", "mplib.simulate", "mplib.timeline", "mplib.train",
-    "mplib.transfer", "mplib.widgets", "mplib.worker",
+    "mplib.transfer", "mplib.widgets", "mplib.worker", "mplib.layers",
+    "mplib.tensor_parallel.group", "mplib.tensor_parallel.layers", "mplib.tensor_parallel.local",
+    "mplib.tensor_parallel.parallelize", "mplib.tensor_parallel.predict", "mplib.tensor_parallel.trace",
 ]
-_HEADING = re.compile(r"^Example[^\n]*:\n((?:[ \t]+.*\n?|[ \t]*\n)+)", re.M)
+# An example headed "Example (several processes):" needs a process group (torchrun or
+# mplib.distributed.launch); the examples of these modules run inside a LocalGroup's ranks.
+SEVERAL_PROCESSES = "several processes"
+IN_RANKS = ("mplib.tensor_parallel.layers",)
+_HEADING = re.compile(r"^Example(?: \(([^)]*)\))?:\n((?:[ \t]+.*\n?|[ \t]*\n)+)", re.M)
 _ERROR = re.compile(r"#\s*([A-Z]\w*(?:Error|Exception))\b")
 
 
-def _examples(module_name: str) -> list[tuple[str, str]]:
-    """(qualified name, code) of each public object's example in the module, methods included."""
+def _examples(module_name: str) -> list[tuple[str, str, str]]:
+    """(qualified name, condition, code) of each public object's example in the module, methods included."""
     module = importlib.import_module(module_name)
     found, seen = [], set()
     for name, obj in vars(module).items():
@@ -49,14 +55,17 @@ def _examples(module_name: str) -> list[tuple[str, str]]:
             members += [(f"{name}.{k}", v) for k, v in vars(obj).items()
                         if not k.startswith("_") and (callable(v) or isinstance(v, (property, classmethod, staticmethod)))]
         for qualname, member in members:
-            match = _HEADING.search(inspect.getdoc(member) or "")
+            doc = getattr(member.fget if isinstance(member, property) else member, "__doc__", None)
+            match = _HEADING.search(inspect.cleandoc(doc or ""))  # its own docstring, not one inherited
             if match and id(member) not in seen:
                 seen.add(id(member))
-                found.append((qualname, textwrap.dedent(match.group(1)).strip()))
+                found.append((qualname, match.group(1) or "", textwrap.dedent(match.group(2)).strip()))
     return found
 
 
-CASES = [pytest.param(m, q, code, id=f"{m}.{q}") for m in MODULES for q, code in _examples(m)]
+CASES = [pytest.param(m, q, code, id=f"{m}.{q}",
+                      marks=[pytest.mark.skip(reason="needs a process group")] if cond == SEVERAL_PROCESSES else [])
+         for m in MODULES for q, cond, code in _examples(m)]
 
 
 def _fixtures() -> dict:
@@ -109,6 +118,18 @@ def _module_fixtures(module_name: str, ns: dict) -> None:
         ns["mask"] = torch.ones(8, 16, dtype=torch.bool)
     if module_name == "mplib.timeline":
         ns["x"] = torch.randn(4, 8)
+    if module_name.startswith("mplib.tensor_parallel"):
+        from mplib.models.gpt import GPT, GPT_TINY
+        from mplib.tensor_parallel import parallelize
+
+        ns.update({k: getattr(mplib.tensor_parallel, k) for k in mplib.tensor_parallel.__all__})
+        ns["tp"] = parallelize(GPT(GPT_TINY), ["cpu", "cpu"])
+    if module_name == "mplib.tensor_parallel.layers":
+        ns["x"], ns["y_i"] = torch.randn(2, 4, 32), torch.randn(2, 4, 64)
+        ns["ids"], ns["y"] = torch.randint(0, 512, (2, 4)), torch.randint(0, 512, (2, 4))
+    if module_name == "mplib.layers":
+        ns["embed"], ns["head"] = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        ns["head"].weight = ns["embed"].weight
     if module_name == "mplib.transfer":
         ns["model_output"] = {"logits": torch.randn(2, 3)}
 
@@ -173,7 +194,12 @@ def test_example_runs(module_name: str, qualname: str, code: str, tmp_path, monk
           "dataclasses": dataclasses, **_fixtures()}
     _module_fixtures(module_name, ns)
     try:
-        _run(code, ns)
+        if module_name in IN_RANKS:
+            from mplib.tensor_parallel import LocalGroup
+
+            LocalGroup(["cpu", "cpu"]).run(lambda g: _run(code, {**ns, "group": g}), replicated=False)
+        else:
+            _run(code, ns)
     finally:
         plt.close("all")
 
@@ -181,5 +207,6 @@ def test_example_runs(module_name: str, qualname: str, code: str, tmp_path, monk
 def test_every_listed_module_has_examples() -> None:
     """The collector finds the examples (a broken pattern would make every case vanish)."""
     counts = {m: len(_examples(m)) for m in MODULES}
+    assert [q for m in MODULES for q, cond, _ in _examples(m) if cond] == ["DistGroup"]  # the one that cannot run here
     assert all(counts.values()), counts
     assert sum(counts.values()) >= 60

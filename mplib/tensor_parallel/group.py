@@ -70,8 +70,8 @@ def _nbytes(kind: str, x: Tensor, size: int) -> int:
 class DistGroup(Group):
     """This process's rank of a torch.distributed process group; the collectives are torch's own.
 
-    Example:
-        dist.init_process_group("gloo", ...)          # or mplib.distributed.launch(fn, 2)
+    Example (several processes):
+        dist.init_process_group("gloo")                 # in each process torchrun or mplib.distributed.launch starts
         group = DistGroup()                             # the default (world) group
         model = mplib.tensor_parallel.parallelize(model, group)
     """

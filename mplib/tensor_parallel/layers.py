@@ -139,7 +139,7 @@ class RowParallelLinear(_ParallelLinear):
 
     Example:
         row = RowParallelLinear.from_dense(nn.Linear(128, 32), group)
-        z = row(y_i)                                                  # (B, T, 32) on every rank
+        z = row(y_i)                     # y_i (B, T, 128 / T), this rank's slice -> z (B, T, 32) on every rank
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, group: Group, *, transposed: bool = False,
@@ -212,7 +212,8 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: Group, v
     (padding) are left out.
 
     Example:
-        loss = vocab_parallel_cross_entropy(model(x), y, group)    # on every rank, in group.run
+        logits_i = ColumnParallelLinear.from_dense(nn.Linear(32, 512), group)(x)   # this rank's 512 / T columns
+        loss = vocab_parallel_cross_entropy(logits_i, y, group)                    # on every rank, in group.run
     """
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target has shape {tuple(target.shape)} but the logits {tuple(logits.shape)}; give one "

@@ -30,6 +30,7 @@ class TensorParallel(nn.Module):
     which is the unsplit model's. `state_dict()` gathers the unsplit model's keys and values.
 
     Example:
+        from mplib.models.gpt import GPT, GPT_TINY
         tp = parallelize(GPT(GPT_TINY), mplib.env.get_devices(2))
         logits = tp(idx)                    # (B, T, vocab), equal to the unsplit model's
         logits.sum().backward(); unsplit_grads(tp)
@@ -52,7 +53,9 @@ class TensorParallel(nn.Module):
         """`fn(rank_model, group, *args, **kwargs)` on every rank; rank 0's result (see LocalGroup.run).
 
         Example:
-            loss = tp.run(lambda m, g, x, y: vocab_parallel_cross_entropy(m(x), y, g, V), x, y)
+            from mplib.models.gpt import GPT, GPT_TINY
+            tp = parallelize(GPT(GPT_TINY), ["cpu", "cpu"], gather_output=False)   # logits split over the vocabulary
+            loss = tp.run(lambda m, g, x, y: vocab_parallel_cross_entropy(m(x), y, g, GPT_TINY.vocab_size), x, y)
         """
         _check_dropout(self)
         ranks = self.ranks
@@ -104,7 +107,7 @@ def parallelize(model: nn.Module, group_or_devices: Group | Any | Sequence[Devic
 
     Example:
         tp = parallelize(model, ["cpu", "cpu"], sequence_parallel=True)
-        model = parallelize(model, torch.distributed.group.WORLD)    # under mplib.distributed.launch
+        # in each process of a job: parallelize(model, torch.distributed.group.WORLD)
     """
     group, devices = _group(group_or_devices)
     T = group.size if group is not None else len(devices)

@@ -57,7 +57,7 @@ def simulate(forward: Sequence[float], backward: Sequence[float], collectives: S
     (e.g. `layer_collectives(...)` or a measured trace's); `link`: an `mplib.hardware.Link`.
 
     Example:
-        tl = simulate([1e-3] * 4, [2e-3] * 4, [layer_collectives(8, 512, 1024, 2)] * 4, 2, LINKS["PCIe 4.0 x16"])
+        tl = simulate([1e-3] * 4, [2e-3] * 4, [layer_collectives(8, 512, 1024, 2)] * 4, 2, mplib.hardware.LINKS["PCIe 4.0 x16"])
         tl.duration; mplib.plot.timeline(tl)
     """
     if not len(forward) == len(backward) == len(collectives):
