@@ -45,10 +45,21 @@ class Failure:
                 f"{'forward' if self.part == 'F' else 'backward'}")
 
 
-def consumers(schedule: Schedule, train: bool) -> Counter:
-    """How many actions wait for each key (`Schedule.deps`); inference runs the forwards only."""
-    return Counter(dep for acts in schedule.actions for a in acts if train or a.kind == "F"
-                   for dep in schedule.deps(a))
+def consumers(schedule: Schedule, train: bool, frozen: frozenset[int] = frozenset()) -> Counter:
+    """How many actions wait for each key (`Schedule.deps`); inference runs the forwards only, and a
+    step no backward of the `frozen` stages."""
+    return Counter(dep for acts in schedule.actions for a in acts
+                   if a.kind == "F" or (train and a.stage not in frozen) for dep in schedule.deps(a))
+
+
+def frozen_prefix(stages: list[nn.Module], first_inputs: Any) -> frozenset[int]:
+    """The leading stages (never the last) with no parameter that trains and an input needing no gradient."""
+    if any(t.requires_grad for t in _leaves(first_inputs)):
+        return frozenset()
+    n = 0
+    while n < len(stages) - 1 and not any(p.requires_grad for p in stages[n].parameters()):
+        n += 1
+    return frozenset(range(n))
 
 
 class Mailbox:
@@ -108,7 +119,10 @@ class Runner:
         self.mbs = scatter(batch, pipe.chunks)
         sizes = [batch_size(m) for m in self.mbs]
         self.loss = LOSSES[pipe.loss_on](loss_fn, targets, sizes, count) if train else None
-        self.box, self.outputs = Mailbox(pipe._consumers[train]), {}
+        # frozen stages (mplib.speedups.freeze): forward without a graph, and no backward action at all
+        self.frozen = frozen_prefix(self.stages, self.mbs[0]) if train else frozenset()
+        self.box, self.outputs = Mailbox(consumers(self.schedule, train, self.frozen) if self.frozen
+                                         else pipe._consumers[train]), {}
         self.autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)]
         self.random = pipe._seeds is not None or (pipe.model.training and _has_dropout(pipe.model))
         self.step_seed = None  # one draw per step: reproducible under torch.manual_seed, new masks every step
@@ -162,7 +176,7 @@ class Runner:
         for a in self.schedule.actions[w]:
             if self.box.error is not None:
                 return  # another stage failed: stop at once, the caller raises its error
-            if a.kind == "B" and not self.train:
+            if a.kind == "B" and (not self.train or a.stage in self.frozen):
                 continue
             try:
                 if a.kind == "F":
@@ -192,10 +206,12 @@ class Runner:
                 with tl.record(w, "copy", sync=sync, stage=j, microbatch=m, label=f"copy {j - 1}->{j}"):
                     x = to_device(x, stage.device, self.non_blocking)  # CUDA: on a side stream
             args = (map_tensors(x, fresh_leaf),)
-        ckpt = self.train and self._checkpointed(m)
+        frozen = j in self.frozen
+        ckpt = self.train and not frozen and self._checkpointed(m)
         # per view: a micro-batch is a view of the batch; a checkpointed forward saves only its inputs
         counter = SavedBytes(self.params, whole_storages=False)
-        with tl.record(w, "forward", sync=sync, stage=j, microbatch=m, label=f"F{m}"), self._rng(j, m), counter:
+        with tl.record(w, "forward", sync=sync, stage=j, microbatch=m, label=f"F{m}"), self._rng(j, m), counter, \
+                torch.no_grad() if frozen else nullcontext():
             # early_stop=False: the recompute runs the whole stage, so its end is a recorded event
             y = (_checkpoint(stage, *args, use_reentrant=False, early_stop=False, **kwargs) if ckpt
                  else stage(*args, **kwargs))

@@ -55,6 +55,9 @@ class Pipeline(nn.Module):
     `checkpoint`: "never" keeps every activation until its backward; "always" keeps only each
     stage's inputs and recomputes the forward during backward; "except_last" checkpoints every
     micro-batch but the last, whose backward follows its forward at once (torchgpipe's default).
+    Frozen stages (`mplib.speedups.freeze`): the leading stages none of whose parameters requires
+    grad, fed by a batch that needs no gradient, run their forward without a graph and no backward
+    action at all; they are found at each step, so blocks may freeze during training.
     `seed`: draw each step's dropout seed from a generator of its own (else from torch's global
     one); the forward of (stage j, micro-batch m) draws from `microbatch_seed(step_seed, j, m)`, so
     dropout is reproducible and the same for every schedule and checkpoint mode, whatever the

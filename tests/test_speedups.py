@@ -43,21 +43,34 @@ def _assert_same_grads(a, b):
 
 # -- freezing ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_frozen_blocks_get_no_grad_and_the_rest_equal_the_unsplit_model(schedule):
+@pytest.mark.parametrize("schedule, balance, skipped", [("gpipe", [2, 4], [0]), ("1f1b", [2, 4], [0]),
+                                                       ("interleaved", [1, 1, 2, 2], [0, 1])])
+def test_frozen_stages_run_no_backward_and_the_rest_get_the_unsplit_models_grads(schedule, balance, skipped):
     ids, mask, y = _batch()
-    model, ref = _model(), None
+    model = _model()
     ref = copy.deepcopy(model)
     assert sp.freeze(model, 3) == ["embed", "layers.0", "layers.1"]
     sp.freeze(ref, 3)
     F.cross_entropy(ref(ids, mask), y).backward()
-    pipe = mplib.Pipeline(mplib.split(model, ["cpu", "cpu"], [2, 4]), chunks=4, schedule=schedule,
-                          loss_fn=F.cross_entropy)
-    pipe.step((ids, mask), y)
+    sm = mplib.split(model, ["cpu", "cpu"] * (len(balance) // 2), balance)
+    pipe = mplib.Pipeline(sm, chunks=4, schedule=schedule, loss_fn=F.cross_entropy)
+    with sp.BackwardCounter(model) as counter:
+        pipe.step((ids, mask), y)
+    # counted: the frozen stages' forwards all ran, and not one backward action; every other stage ran 4
+    events = pipe.timeline.events
+    stages = range(len(balance))
+    assert [sum(e.kind == "forward" and e.stage == j for e in events) for j in stages] == [4] * len(balance)
+    assert [sum(e.kind == "backward" and e.stage == j for e in events) for j in stages] == \
+        [0 if j in skipped else 4 for j in stages]
+    assert counter.counts[:3] == [0, 0, 0] and all(c > 0 for c in counter.counts[3:])  # no autograd node either
     frozen = [p for m in model.blocks()[:3] for p in m.parameters()]
     assert frozen and all(p.grad is None for p in frozen)
     assert all(p.grad is not None for m in model.blocks()[3:] for p in m.parameters())
     _assert_same_grads(model, ref)
+    # unfrozen again, the next step runs every backward (the frozen stages are found per step)
+    sp.unfreeze(model)
+    pipe.step((ids, mask), y)
+    assert sum(e.kind == "backward" for e in pipe.timeline.events) == 4 * len(balance)
 
 
 def test_no_backward_runs_on_a_frozen_prefix_in_the_pipeline():
