@@ -69,6 +69,8 @@ class OneFOneBBound(_Bound):
         most = float(p.B[-1] / p.speed.min())
         self.betas = np.concatenate([[0.0], np.geomspace(most / (4 * K), most, 12)]) if most > 0 else np.zeros(1)
         self.v = np.stack([min_max_table(p, per_stage(float(beta))) for beta in self.betas])
+        self.checks = _Sampled()  # the feasibility test is costly: run it while it pays
+
 
     def _table(self, s: int, ends: np.ndarray, beta: np.ndarray) -> np.ndarray:
         q = np.searchsorted(self.betas, beta, side="right") - 1
@@ -98,10 +100,12 @@ class OneFOneBBound(_Bound):
         else:
             lb = self._open(base, loop, spans, top_b, top, c_out, closed, ends, s)
             live = np.flatnonzero(lb < limit)
-            if len(live) and limit < INF:  # the tables gave up the coupling to the known stages: test it exactly
+            if len(live) and limit < INF and self.checks.due():
+                # the tables gave up the coupling to the known stages: test it on the children
                 room = limit - base[live] - self.rest[s + 1, ends[live]]
                 ok = self._reachable(s + 1, ends[live], room, top[live], loop[live] + c_out[live],
                                      spans[live] + c_out[live, None], top_b[live])
+                self.checks.record(pruned=bool((~ok).any()))
                 lb[live[~ok]] = INF
         states = [_OneState(float(base[k]), float(loop[k]), float(closed[k]), spans[k], top_b[k])
                   for k in range(len(ends))]
@@ -171,6 +175,23 @@ class OneFOneBBound(_Bound):
             return np.full(len(spans), -INF)
         terms = np.where(valid, np.where(valid, n, 0) * spans + r * top_b, -INF)
         return terms.max(axis=1)
+
+
+class _Sampled:
+    """When to run an optional pruning test: always at first, then while it prunes at least one node
+    in `rate`, else on one node in `rate` only (to notice when it starts to pay again). Skipping a
+    test only keeps a node a test would have dropped: the search stays exact, it may just take longer."""
+
+    def __init__(self, first: int = 16, rate: int = 16) -> None:
+        self.first, self.rate, self.calls, self.runs, self.prunes = first, rate, 0, 0, 0
+
+    def due(self) -> bool:
+        self.calls += 1
+        return self.runs < self.first or self.prunes * self.rate >= self.runs or self.calls % self.rate == 0
+
+    def record(self, pruned: bool) -> None:
+        self.runs += 1
+        self.prunes += pruned
 
 
 class SimulatedBound(_Bound):

@@ -150,6 +150,7 @@ def best_first(p: Problem, bound: Any, candidates: list[Sequence[int]],
     incumbent and prunes what cannot beat it. After `max_nodes` expansions the search stops with
     the best split so far; `gap` is then how far above the optimum it may be, relative (0: proven).
     """
+    many = None if objective else (lambda splits: p.step(np.asarray(splits)))  # the simulator times a batch at once
     objective = objective or (lambda bounds: float(p.step(np.asarray(bounds))[0]))
     best_step, best = INF, None
     if candidates:
@@ -170,7 +171,7 @@ def best_first(p: Problem, bound: Any, candidates: list[Sequence[int]],
             break
         if max_nodes is not None and expanded >= max_nodes:
             floor = min([node.lb] + [h[3].lb for h in heap])
-            best, best_step = _polish(p, best, best_step, objective)
+            best, best_step = _polish(p, best, best_step, objective, many)
             gap = max(0.0, 1 - floor / best_step)
             break
         expanded += 1
@@ -198,7 +199,8 @@ def _dive(p: Problem, bound: Any, node: Node, objective: Callable) -> tuple[list
     return list(node.bounds), objective(np.array(node.bounds))
 
 
-def _polish(p: Problem, bounds: list[int], step: float, objective: Callable) -> tuple[list[int], float]:
+def _polish(p: Problem, bounds: list[int], step: float, objective: Callable,
+            many: Callable | None = None) -> tuple[list[int], float]:
     """Local search: move one cut by one block while that lowers the step (when the search gave up)."""
     bounds = np.asarray(bounds)
     while p.S > 1:
@@ -211,7 +213,7 @@ def _polish(p: Problem, bounds: list[int], step: float, objective: Callable) -> 
                     moves.append(nb)
         if not moves:
             break
-        steps = [objective(m) for m in moves]
+        steps = list(many(moves)) if many else [objective(m) for m in moves]
         k = int(np.argmin(steps))
         if not steps[k] < step * (1 - TOLERANCE):
             break
