@@ -182,7 +182,7 @@ class _Sampled:
     in `rate`, else on one node in `rate` only (to notice when it starts to pay again). Skipping a
     test only keeps a node a test would have dropped: the search stays exact, it may just take longer."""
 
-    def __init__(self, first: int = 16, rate: int = 16) -> None:
+    def __init__(self, first: int = 8, rate: int = 32) -> None:
         self.first, self.rate, self.calls, self.runs, self.prunes = first, rate, 0, 0, 0
 
     def due(self) -> bool:
