@@ -10,6 +10,7 @@ unsplit model on one device (`load_model`).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,5 +83,7 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
         model = mplib.distributed.load_model(GPT(GPT_TINY), "ckpt/step-100")   # every stage's weights, one device
     """
     sd = {k: v for k, v in model.state_dict().items()}
-    dcp.load(sd, checkpoint_id=str(path), no_dist=True)  # in place: the values are views of the parameters
+    with warnings.catch_warnings():  # DCP announces the single process it was asked for (no_dist)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path), no_dist=True)  # in place: the values are views of the parameters
     return model
