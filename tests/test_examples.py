@@ -1,7 +1,8 @@
 """Every `Example:` in a public docstring of the modules below runs, and its stated results hold.
 
-An example runs in its module's namespace plus the small objects its text names (`model`, `x`,
-`costs`, ...), built here from tiny configs. A line `expr  # <literal>` asserts that `expr` equals
+An example runs in its module's namespace, with the names a course notebook has imported
+(`GPT`, `GPT_TINY`, `split`, `Pipeline`, `lm_loss`, ...) and the small objects its text names
+(`model`, `x`, `costs`, `llama`, ...), built here from tiny configs. A line `expr  # <literal>` asserts that `expr` equals
 the literal (a tensor or a size compares as a list or tuple); `# e.g. ...` and prose comments
 are not checked. A line `stmt  # SomeError: ...` must raise SomeError.
 """
@@ -34,6 +35,7 @@ MODULES = [
     "mplib.transfer", "mplib.widgets", "mplib.worker", "mplib.layers",
     "mplib.tensor_parallel.group", "mplib.tensor_parallel.layers", "mplib.tensor_parallel.local",
     "mplib.tensor_parallel.parallelize", "mplib.tensor_parallel.predict", "mplib.tensor_parallel.trace",
+    "mplib.pipeline", "mplib.split", "mplib._plot_memory", "mplib._runner", "mplib.hf", "mplib._hf_split",
 ]
 # An example headed "Example (several processes):" needs a process group (torchrun or
 # mplib.distributed.launch); the examples of these modules run inside a LocalGroup's ranks.
@@ -86,6 +88,30 @@ def _fixtures() -> dict:
                 devices=mplib.env.get_devices(2), hidden=torch.randn(4, 16, 8), idx=x)
 
 
+def _reader_names() -> dict:
+    """What a course notebook has imported by the time it calls mplib."""
+    from mplib.models.bert import BERT, BERT_TINY
+    from mplib.models.gpt import GPT, GPT2_SMALL, GPT2_XL, GPT_TINY
+    from mplib.train import lm_loss
+
+    return dict(GPT=GPT, GPT_TINY=GPT_TINY, GPT2_SMALL=GPT2_SMALL, GPT2_XL=GPT2_XL, BERT=BERT, BERT_TINY=BERT_TINY,
+                split=mplib.split.split, Pipeline=mplib.Pipeline, lm_loss=lm_loss)
+
+
+def _hf_fixtures(ns: dict) -> None:
+    """A tiny Llama and GPT-2 from configs, a split of the Llama, an HF batch with labels."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llama = LlamaForCausalLM(config)
+    ids = torch.randint(0, 64, (4, 8))
+    ns.update(config=config, llama=llama, LlamaForCausalLM=LlamaForCausalLM, ids=ids, labels=ids.clone(),
+              gpt2=GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)),
+              split_model=mplib.split.split(llama, ["cpu", "cpu"]),
+              tokenizer_batch={"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+
+
 def _module_fixtures(module_name: str, ns: dict) -> None:
     """Objects some modules' examples mean by a name the others use for something else."""
     if module_name == "mplib.models.rnn":
@@ -130,6 +156,22 @@ def _module_fixtures(module_name: str, ns: dict) -> None:
     if module_name == "mplib.layers":
         ns["embed"], ns["head"] = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
         ns["head"].weight = ns["embed"].weight
+    if module_name in ("mplib.hf", "mplib._hf_split", "mplib.split", "mplib.pipeline"):
+        _hf_fixtures(ns)
+    if module_name in ("mplib.pipeline", "mplib._runner", "mplib.plot"):
+        ns["model"] = mplib.split.split(ns["model"], ["cpu", "cpu"])
+        ns["pipe"] = ns["pipeline"] = mplib.Pipeline(ns["model"], chunks=2, loss_fn=mplib.train.lm_loss, seed=0)
+        ns["optimizer"] = torch.optim.SGD(ns["model"].parameters(), lr=0.1)
+        ns["ids"] = ns["x"]
+    if module_name == "mplib.split":
+        ns["model"] = mplib.split.split(ns["model"], ["cpu", "cpu"])
+    if module_name == "mplib.plot":
+        ns["pipeline"].step(ns["x"], ns["y"])
+        ns["vectors"] = torch.randn(3, 8)
+        ns["x"] = torch.randn(2, 5, 4, requires_grad=True)
+        ns["x"].sum().backward()
+    if module_name == "mplib._plot_memory":
+        ns["est"] = mplib.memory.estimate(mplib.models.gpt.GPT2_XL, batch=8, seq=1024)
     if module_name == "mplib.transfer":
         ns["model_output"] = {"logits": torch.randn(2, 3)}
 
@@ -191,7 +233,7 @@ def test_example_runs(module_name: str, qualname: str, code: str, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # an example that writes a file writes it here
     module = importlib.import_module(module_name)
     ns = {**vars(module), "mplib": mplib, "torch": torch, "nn": nn, "np": np, "plt": plt,
-          "dataclasses": dataclasses, **_fixtures()}
+          "dataclasses": dataclasses, **_reader_names(), **_fixtures()}
     _module_fixtures(module_name, ns)
     try:
         if module_name in IN_RANKS:
