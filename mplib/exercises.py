@@ -64,7 +64,7 @@ def is_right(name: str, answer: Answer) -> bool:
     """Whether `answer` to exercise `name` matches its stored hash (within one `step`), silently.
 
     Example:
-        is_right("01.rnn_params", 416)
+        is_right("01.rnn_params", 6272)
     """
     ex = _lookup(name)
     return any(hashlib.sha256(f"{name}:{f}".encode()).hexdigest()[:16] == ex.digest
@@ -75,7 +75,7 @@ def check(name: str, answer: Answer) -> bool:
     """Print whether `answer` to exercise `name` is right, and a hint when it is not.
 
     Example:
-        check("01.rnn_params", 416)   # prints "01.rnn_params: right" and returns True
+        check("01.rnn_params", 6272)   # prints "01.rnn_params: right" and returns True
     """
     if answer is None or answer is ...:
         print(f"{name}: replace the placeholder with your answer, then run the cell again")
@@ -97,7 +97,7 @@ EXERCISES: dict[str, Exercise] = {
                        0.1),
     "00.mb": Exercise("59f6b0bbb9b9bd66", "an MB is 10**6 bytes, fewer than a MiB, so there are more of them; "
                       "answer to one decimal.", 0.1),
-    "01.rnn_params": Exercise("0514ea1b04fa9d24", "W_ih is (H, C), W_hh is (H, H), and mplib keeps two biases of H "
+    "01.rnn_params": Exercise("4e6ecb5fd66d9788", "W_ih is (H, C), W_hh is (H, H), and mplib keeps two biases of H "
                               "each, as torch does."),
     "01.charrnn_params": Exercise("3db8d32a4cd1a349", "embedding V x n_embd, one RNN layer (two weights, two biases), "
                                   "and a head H x V with its bias; V is tok.vocab_size."),

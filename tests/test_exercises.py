@@ -70,7 +70,7 @@ TINY_BERT = BERTConfig(vocab_size=1000, block_size=32, n_layer=2, n_head=4, n_em
 ANSWERS = {
     "00.mib": (lambda: 25 * 2**20 * 4 / 2**20, 25),
     "00.mb": (lambda: 25 * 2**20 * 4 / 1e6, 100),
-    "01.rnn_params": (lambda: _n(RNN(8, 16, cell="rnn")), 8 * 16 + 16 * 16 + 16),
+    "01.rnn_params": (lambda: _n(RNN(32, 64, cell="rnn")), 32 * 64 + 64 * 64 + 64),
     "01.charrnn_params": (lambda: _n(CharRNN(RNNConfig(vocab_size=_corpus_vocab(), n_embd=32, hidden_size=128,
                                                        n_layer=1, cell="rnn"))), 30000),
     "02.param_growth": (lambda: _n(RNN(128, 128, cell="lstm")) / _n(RNN(64, 64, cell="lstm")), 2.0),
@@ -116,7 +116,7 @@ def test_numbers_pass_within_one_step_of_the_grid_point_and_not_beyond():
 
 def test_strings_lists_and_tensors_are_normalised():
     assert is_right("08.peak_in_flight", [8, 4]) and is_right("08.peak_in_flight", (8, 4))
-    assert is_right("01.rnn_params", torch.tensor(_n(RNN(8, 16, cell="rnn"))))
+    assert is_right("01.rnn_params", torch.tensor(_n(RNN(32, 64, cell="rnn"))))
     assert digest("x", " Device  0 ") == digest("x", "device 0")
 
 
