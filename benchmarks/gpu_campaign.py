@@ -60,6 +60,7 @@ def main() -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu-{date}-{commit[:10]}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".log").write_text("")  # this run's log only: each part appends its output
     facts = machine_facts(commit, args.cpu_dry_run)
     if not args.cpu_dry_run and not facts.get("_cuda"):
         sys.exit("no CUDA GPU visible to this torch: run on a GPU machine, or pass --cpu-dry-run")
@@ -229,6 +230,7 @@ def write_report(out: Path, facts: dict, results: dict, args: argparse.Namespace
              f"commit {facts['commit'][:12]}", "",
              "Written by `benchmarks/gpu_campaign.py`" + (" --cpu-dry-run" if args.cpu_dry_run else "")
              + f"; {len(results)} parts in {seconds:.0f} s. Each part ran in its own process under its own cap.", "",
+             f"Command: `{' '.join(['python3', 'benchmarks/gpu_campaign.py', *sys.argv[1:]])}`", "",
              "## Machine", "", "| fact | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in facts.items() if not k.startswith("_")]
     lines += ["", "## Figures", "", "| part | figure | measured | target | met |", "| --- | --- | --- | --- | --- |"]
@@ -239,8 +241,8 @@ def write_report(out: Path, facts: dict, results: dict, args: argparse.Namespace
     lines += ["", "## Parts", ""]
     for name, r in results.items():
         cap, what, target = PARTS[name]
-        lines += [f"### {name}: {r['status']}", "", f"{what}. Target: {target}. Cap {cap} s, took {r['seconds']:.0f} s.",
-                  ""]
+        lines += [f"### {name}: {r['status']}", "",
+                  f"{what}. Target: {target}. Cap {cap} s (less if the budget ran low), took {r['seconds']:.0f} s.", ""]
         lines += [f"- {n}" for n in r["notes"] if n]
         if r.get("error"):
             lines += ["", "```", r["error"].strip()[-3000:], "```"]

@@ -214,15 +214,19 @@ def memory(dev: torch.device, s: Sizes, deadline: float, out: Result) -> None:
         ids = torch.randint(cfg.vocab_size, (batch, seq), device=dev)
         est_cfg = estimate(cfg, batch, seq)  # from the config: CPU kernels under FakeTensorMode
         counted = measure(model, ids, optimizer="adam")  # bytes a real step holds, counted tensor by tensor
+        seen = {}
         for kernel, ctx in (("fused", None), ("math", SDPBackend.MATH)):
             with sdpa_kernel(ctx) if ctx is not None else contextlib.nullcontext():
                 est = estimate(model, batch, seq)  # fake twins on the device: its kernels' saved tensors
                 peak = peak_bytes(model, ids, dev)
-            ratio = est.total / peak
+            ratio, seen[kernel] = est.total / peak, (est.total, peak)
             out.row(f"{name} (batch {batch} x {seq}, fp32, Adam), {kernel} attention: estimate / peak",
                     f"{ratio:.3f}", "0.95-1.05", abs(ratio - 1) <= 0.05)
             out.note(f"{name}, {kernel} attention: estimate {mib(est.total)} (activations "
                      f"{mib(est.activations)}), peak {mib(peak)}")
+        (ef, pf), (em, pm) = seen["fused"], seen["math"]
+        out.note(f"{name}: fused attention instead of the math one moves the peak by {(pf - pm) / MiB:+.2f} MiB "
+                 f"and the estimate by {(ef - em) / MiB:+.2f} MiB (estimate / peak {em / pm:.3f} -> {ef / pf:.3f})")
         out.note(f"{name}: estimate from the config {mib(est_cfg.total)} (activations "
                  f"{mib(est_cfg.activations)}); counted in a real step {mib(counted.total)} "
                  f"(activations {mib(counted.activations)})")
