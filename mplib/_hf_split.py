@@ -30,7 +30,11 @@ def generate(split_model: Any, args: tuple, kwargs: dict) -> Any:
     check_context(model, args, kwargs)
 
     def through_stages(*a: Any, **k: Any) -> Any:
-        return split_model(*a, **k)
+        out = split_model(*a, **k)
+        ids = k.get("input_ids", a[0] if a else None)
+        if isinstance(ids, Tensor) and out.logits.device != ids.device:  # generate appends to the prompt's tokens
+            out.logits = out.logits.to(ids.device)
+        return out
 
     model.forward = functools.wraps(model.forward)(through_stages)  # generate calls model(...): route it here
     try:

@@ -154,6 +154,10 @@ def test_use_cache_on_a_gpu_and_the_cpu_keeps_each_layer_where_it_ran():
     out = sm(**batch, use_cache=True)
     assert [layer.keys.device.type for layer in out.cache.layers] == ["cuda", "cpu", "cpu"]
     torch.testing.assert_close(out.logits, ref(**batch).logits, rtol=1e-4, atol=1e-5)  # GPU kernels round otherwise
+    prompt = batch["input_ids"][:1, :4]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    sm.eval()
+    assert torch.equal(sm.generate(prompt, **kw), ref.generate(prompt, **kw))  # the logits come back to the prompt
 
 
 @pytest.mark.parametrize("name", DECODERS)
