@@ -351,3 +351,25 @@ def test_a_recorded_split_over_two_gpus_times_the_second_gpus_work():
     sm(torch.randn(2, 4))
     fwd = [e for e in sm.last_timeline.events if e.kind == "forward" and e.lane == 1]
     assert fwd and fwd[0].duration > AT_LEAST_S
+
+
+# -- tensor parallel: a rank thread per device --------------------------------------------------------
+
+def test_tensor_parallel_ranks_on_the_host_and_a_gpu_reduce_to_one_sum_on_their_own_devices():
+    from mplib.tensor_parallel import LocalGroup
+
+    def fn(g, x):
+        assert g.device.type != "cuda" or torch.cuda.current_device() == g.device.index  # the rank's GPU is current
+        return g.all_reduce(x * (g.rank + 1))
+
+    out = LocalGroup(["cpu", "cuda:0"]).run(fn, torch.ones(2), replicated=False)
+    assert out[0].device.type == "cpu" and out[1].device == CUDA0
+    for o in out:
+        assert torch.equal(o.cpu(), torch.full((2,), 3.0))
+
+
+def test_tensor_parallel_refuses_two_ranks_on_one_gpu():
+    from mplib.tensor_parallel import LocalGroup
+
+    with pytest.raises(ValueError, match="repeat a GPU"):
+        LocalGroup(["cuda:0", "cuda:0"])
