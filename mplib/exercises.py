@@ -107,8 +107,8 @@ EXERCISES: dict[str, Exercise] = {
                                   "each device's blocks (the head's logits are large)."),
     "03.changed_counts": Exercise("941c32ba111a554a", "answer (forward, backward); count <s> and </s> too: the "
                                   "sentence has 9 positions, the changed word is at position 3."),
-    "03.top_weight": Exercise("53d98509e567319b", "softmax: exp(2) / (exp(0.5) + exp(1) + exp(2)), to two "
-                              "decimals.", 0.01),
+    "03.top_weight": Exercise("88b58ebb0a3fb7a4", "softmax of the scalars: exp(1) / (exp(0) + exp(1) + exp(1)), "
+                              "to two decimals.", 0.01),
     "04.attention_mib": Exercise("116d1c93e5aba1ef", "one score per (sequence, head, query, key): B x n_head x T x T "
                                  "floats of 4 bytes, in MiB (2**20 bytes).", 1),
     "04.tiny_params": Exercise("29276bbc3287ee1e", "embeddings (word, position, token type, a layer norm); per "

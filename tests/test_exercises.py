@@ -45,7 +45,7 @@ def _changed_counts():  # notebook 03: change word 2 of 7; positions whose top-l
 def _top_mix_weight():
     mix = ScalarMix(3)
     with torch.no_grad():
-        mix.scalars.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        mix.scalars.copy_(torch.tensor([0.0, 1.0, 1.0]))
     return mix.weights[2].item()
 
 
@@ -76,7 +76,7 @@ ANSWERS = {
     "02.param_growth": (lambda: _n(RNN(128, 128, cell="lstm")) / _n(RNN(64, 64, cell="lstm")), 2.0),
     "02.heavier_device": (_heavier_device, 0),
     "03.changed_counts": (_changed_counts, (4, 6)),
-    "03.top_weight": (_top_mix_weight, 0.5),
+    "03.top_weight": (_top_mix_weight, 1 / 3),
     "04.attention_mib": (lambda: 8 * BERT_BASE.n_head * 512 * 512 * 4 / 2**20, 8),
     "04.tiny_params": (lambda: BERT(TINY_BERT).num_parameters(), 100_000),
     "06.mixed_bytes": (_mixed_bytes_per_param, 12),
