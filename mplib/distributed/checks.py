@@ -17,7 +17,11 @@ from mplib.layers import Blocks
 
 
 def check_balance(balance: Sequence[int], n: int) -> list[int]:
-    """The balance as a list of ints, or a ValueError saying the rule, the values and the fix."""
+    """The balance as a list of ints, or a ValueError saying the rule, the values and the fix.
+
+    Example:
+        check_balance([2, 2], len(mplib.layers.blocks(GPT(GPT_TINY))))   # [2, 2]; [1, 1, 1, 1, 1] raises
+    """
     from mplib.partition import uniform
 
     balance = list(balance)
@@ -35,7 +39,11 @@ def check_balance(balance: Sequence[int], n: int) -> list[int]:
 
 
 def fingerprint(blocks: Blocks, settings: dict[str, Any]) -> dict[str, Any]:
-    """What every rank must agree on; cheap (one pass over the parameters, no communication)."""
+    """What every rank must agree on; cheap (one pass over the parameters, no communication).
+
+    Example:
+        fp = fingerprint(mplib.layers.blocks(GPT(GPT_TINY)), {"balance": [2, 2], "chunks": 4})
+    """
     values, shapes = [], hashlib.sha256()
     for name, module in zip(blocks.names, blocks.modules):
         h = hashlib.sha256()
@@ -49,7 +57,11 @@ def fingerprint(blocks: Blocks, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def agree(mine: dict[str, Any], group: Any = None) -> None:
-    """Gather every rank's fingerprint; raise the same ValueError on every rank if one differs."""
+    """Gather every rank's fingerprint; raise the same ValueError on every rank if one differs.
+
+    Example:
+        agree(fingerprint(blocks, settings))   # on every rank of the job, before any stage waits for another
+    """
     world = dist.get_world_size(group)
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine, group=group)

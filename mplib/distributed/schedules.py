@@ -36,7 +36,11 @@ SIMULATED = ("gpipe", "1f1b", "interleaved")  # the ones mplib.schedule.build kn
 
 
 def check(name: str, num_stages: int, ranks: int, chunks: int) -> tuple[Any, str, int]:
-    """(torch class, placement, stages per rank) for a schedule, with mplib's rules checked first."""
+    """(torch class, placement, stages per rank) for a schedule, with mplib's rules checked first.
+
+    Example:
+        check("interleaved", 4, 2, 4)   # (ScheduleInterleaved1F1B, "loop", 2)
+    """
     key = str(name).lower()
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; the known schedules are {', '.join(SCHEDULES)}")
