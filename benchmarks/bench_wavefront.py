@@ -4,8 +4,12 @@ A 2-layer LSTM wide enough that compute dominates, one layer per stand-in device
 each (a stand-in is one core). One step is forward and backward of one batch (gradients only). Per
 repeat, side by side: the naive split (`mplib.split`: layer 1 waits for layer 0 over the whole
 sequence), the wavefront (`mplib.wavefront.Wavefront`, the sequence cut into T time chunks), and the
-step `mplib.simulate` predicts for the wavefront from the naive run's own per-layer times divided by
-T. Ratios are medians of per-repeat ratios; the bound on the speed-up is 2T/(T+1).
+step `mplib.simulate` predicts for the wavefront from: the naive run's per-layer times divided by T;
+`mplib.profile.measure` of one chunk per layer beside the other worker's load (costs profiled
+under the conditions the wavefront runs in, with no wavefront run); the wavefront's own median cell
+times. Ratios are medians of per-repeat ratios; the bound on the speed-up is 2T/(T+1). Each repeat
+also times one layer's work alone and two copies of it on two threads at once: their ratio is what
+the machine gives two workers (1.0: two free cores; 2.0: one core's worth, no parallel speed-up).
 
     .venv/bin/python benchmarks/bench_wavefront.py               # about 30 s on a quiet 2-core machine
     .venv/bin/python benchmarks/bench_wavefront.py --repeats 3 --sweep 1,2,4,8,16   # speed-up per T
@@ -18,6 +22,7 @@ import copy
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mplib.models.rnn import RNNConfig, StackedRNN  # noqa: E402
+from mplib.profile import measure  # noqa: E402
 from mplib.simulate import simulate  # noqa: E402
 from mplib.split import split  # noqa: E402
 from mplib.wavefront import Wavefront, wavefront  # noqa: E402
@@ -39,6 +45,27 @@ def clock(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def two_at_once(layer: torch.nn.Module, x: torch.Tensor) -> float:
+    """Time of two copies of one layer's forward+backward on two threads at once, over one of them alone."""
+    twins = [layer, copy.deepcopy(layer)]
+
+    def work(m: torch.nn.Module) -> None:
+        torch.set_num_threads(1)
+        m.zero_grad(set_to_none=True)
+        m(x).sum().backward()
+
+    alone = clock(lambda: work(twins[0]))
+    threads = [threading.Thread(target=work, args=(m,)) for m in twins]
+
+    def both() -> None:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return clock(both) / alone
 
 
 def per_stage(tl, kind: str) -> list[float]:
@@ -77,7 +104,10 @@ def main() -> None:
         waves[t].zero_grad(set_to_none=True)
         waves[t].step(x, y)
 
-    rows: dict[str, list[float]] = {"naive": [], "wavefront": [], "simulated": [], "replayed": []}
+    rows: dict[str, list[float]] = {"naive": [], "wavefront": [], "simulated": [], "profiled": [], "replayed": [],
+                                    "two at once": []}
+    Lc = -(-args.seq // T)  # the longest chunk: what one cell of the wavefront reads
+    layers = copy.deepcopy(stack).layers
     rows.update({f"T={t}": [] for t in sweep})
     for _ in range(2):  # warm-up: allocators, worker threads
         naive_step()
@@ -93,9 +123,14 @@ def main() -> None:
         med = [[statistics.median(e.duration for e in tl.events if e.lane == s and e.kind == k) for s in range(2)]
                for k in ("forward", "backward")]
         rows["replayed"].append(simulate(wavefront(2, T), med[0], med[1]).duration)
+        costs = measure(layers, x[:, :Lc], ["cpu", "cpu"], repeats=3, loss_fn=mse, targets=y[:, :Lc],
+                        threads_per_worker=1)  # each layer on one chunk, beside the other worker's load
+        rows["profiled"].append(simulate(wavefront(2, T), costs.forward, costs.backward).duration)
+        rows["two at once"].append(two_at_once(layers[0], x[:, :8 * Lc]))
         for t in sweep:
             rows[f"T={t}"].append(clock(lambda: wave_step(t)))
-        print(f"repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in rows.items()))
+        print(f"repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in rows.items() if k != "two at once")
+              + f"; two at once {rows['two at once'][-1]:.2f}x one alone")
     report(rows, T, sweep)
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores"
@@ -106,12 +141,16 @@ def report(rows: dict[str, list[float]], T: int, sweep: list[int]) -> None:
     def ratios(a: str, b: str) -> list[float]:
         return [p / q for p, q in zip(rows[a], rows[b])]
 
-    med = {k: statistics.median(v) for k, v in rows.items()}
+    med = {k: statistics.median(v) for k, v in rows.items() if k != "two at once"}
     print("\nmedian step time: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items()))
+    two = statistics.median(rows["two at once"])
+    print(f"two workers at once take {two:.2f}x one alone (1.0: two free cores, 2.0: one core's worth): the "
+          f"bound 2T/(T+1) = {2 * T / (T + 1):.2f}x becomes about {2 * T / (T + 1) / two:.2f}x on this machine now")
     speedup = statistics.median(ratios("naive", "wavefront"))
     print(f"wavefront over the naive layer split (naive / wavefront), median of ratios: {speedup:.2f}x  "
           f"(target >= 1.5x, bound 2T/(T+1) = {2 * T / (T + 1):.2f}x)")
     for key, what in (("simulated", "predicted from the naive run's layer times / T"),
+                      ("profiled", "predicted from mplib.profile.measure of one chunk beside a load"),
                       ("replayed", "from the wavefront's own median cell times")):
         err = statistics.median([abs(s / m - 1) for s, m in zip(rows[key], rows["wavefront"])])
         print(f"simulated vs measured wavefront step, {what}: {err:.0%} apart (median; target within 15%)")

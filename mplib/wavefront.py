@@ -79,6 +79,9 @@ def from_stages(placement: list[int], directions: list[int], time_chunks: int, c
 
     Each device runs, micro-batch by micro-batch, the time chunks of its stages in their order, all
     forwards first; its backwards then run in the reverse order (the reverse wavefront of BPTT).
+
+    Example:
+        from_stages([0, 0, 1], [-1, 1, 1], time_chunks=4) == wavefront(2, 4, bidirectional=True)   # True
     """
     _check_positive(time_chunks=time_chunks, chunks=chunks)
     K, T = max(placement) + 1, time_chunks
