@@ -94,7 +94,8 @@ def head_scores(model: nn.Module) -> list[list[float]]:
     for layer in model.layers:
         a = layer.attn
         hs = a.query.in_features // a.n_head
-        out.append([float(a.value.weight[h * hs:(h + 1) * hs].norm() * a.proj.weight[:, h * hs:(h + 1) * hs].norm())
+        value, proj = a.value.weight.detach(), a.proj.weight.detach()
+        out.append([float(value[h * hs:(h + 1) * hs].norm() * proj[:, h * hs:(h + 1) * hs].norm())
                     for h in range(a.n_head)])
     return out
 
