@@ -80,9 +80,9 @@ class OffloadActivations(saved_tensors_hooks):
 
     torch's `save_on_cpu` does the same; this one also skips parameters and buffers (they stay
     resident anyway), copies each storage once (as `mplib.memory.estimate` counts them), and counts:
-    `host_bytes` moved, `device_bytes` kept (storages under `min_bytes`). Host buffers are pinned when the activation sits on CUDA, so the
-    copies run asynchronously. On CPU stand-ins host and device are one memory: the counts say what
-    would leave the device.
+    `host_bytes` moved, `device_bytes` kept (storages under `min_bytes`). Host buffers are pinned
+    when the activation sits on CUDA, so the copies run asynchronously. On CPU stand-ins host and
+    device are one memory: the counts say what would leave the device.
 
     Example:
         with OffloadActivations(exclude=model) as off:
