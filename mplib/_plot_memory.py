@@ -16,12 +16,15 @@ def _named_estimates(estimates) -> dict:
     return estimates
 
 
-def memory(estimates, ax=None, gpus=None, logy: bool | None = None):
+def memory(estimates, ax=None, gpus=None, logy: bool = False):
     """Stacked bars of training memory (params / grads / optimizer / activations, GiB) per model,
     with a dashed line at each GPU memory size of the catalog.
 
-    `gpus` is a list of `mplib.hardware.GPU` (default: the whole catalog); `logy` defaults to a
-    log scale when the largest model needs over 100x the smallest.
+    Stacks are drawn on a linear axis, where a part's height is its share; `logy=True` draws the
+    parts side by side instead (a stack on a log axis would shrink the top part). For models of
+    very different sizes, draw the small and the large ones on two axes (`ax=`) rather than a log
+    scale. `gpus`: a list of `mplib.hardware.GPU` (default: the catalog); lines far above the
+    tallest bar are left out, so the bars stay readable.
 
     Example:
         est = {"GPT-2 XL": mplib.memory.estimate(GPT2_XL, batch=8, seq=1024)}
@@ -34,19 +37,27 @@ def memory(estimates, ax=None, gpus=None, logy: bool | None = None):
     gpus = list(mplib.hardware.GPUS.values()) if gpus is None else list(gpus)
     ax = _axes(ax, figsize=(8, 4))
     names = list(estimates)
-    bottom = [0.0] * len(names)
-    for part in _MEMORY_PARTS:
-        heights = [getattr(estimates[n], part) / 2**30 for n in names]
-        ax.bar(names, heights, bottom=bottom, label=part)
-        bottom = [b + h for b, h in zip(bottom, heights)]
     totals = [estimates[n].total / 2**30 for n in names]
-    if logy if logy is not None else max(totals) > 100 * max(min(totals), 1e-9):
+    if logy:
+        width = 0.8 / len(_MEMORY_PARTS)
+        for j, part in enumerate(_MEMORY_PARTS):
+            heights = [getattr(estimates[n], part) / 2**30 for n in names]
+            ax.bar([i + (j - 1.5) * width for i in range(len(names))], heights, width=width, label=part)
+        ax.scatter(range(len(names)), totals, marker="_", s=400, color="black", label="total", zorder=3)
         ax.set_yscale("log")
-        ax.set_ylim(bottom=max(min(getattr(estimates[n], "params") for n in names) / 2**30 / 2, 1e-3))
+    else:
+        bottom = [0.0] * len(names)
+        for part in _MEMORY_PARTS:
+            heights = [getattr(estimates[n], part) / 2**30 for n in names]
+            ax.bar(range(len(names)), heights, bottom=bottom, label=part)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        top = 1.3 * max(totals)
+        gpus = [g for g in gpus if g.memory_gib <= top]  # a GPU far above every bar would squash them
+        ax.set_ylim(0, max([top] + [1.1 * g.memory_gib for g in gpus]))
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     _gpu_lines(ax, gpus, right=len(names) - 0.45)
     ax.set_ylabel("memory for one training step (GiB)")
     ax.set_title("training memory vs one GPU")
-    ax.tick_params(axis="x", labelrotation=30)
     ax.legend(loc="upper left", fontsize=8)
     return ax
 

@@ -1,7 +1,7 @@
 """Catalog of GPUs and links (PCIe, NVLink, NVSwitch) from vendor datasheets, and measured copy bandwidth.
 
-Numbers are the vendors' headline figures (dense tensor-core rates, SXM boards); `source`
-names the document they come from. Measure your own machine with `measure_bandwidth`.
+Headline figures (dense rates, SXM boards), each with the document it comes from; NVLink per link
+and per GPU apart from what one pair of GPUs gets. Measure your own machine with `measure_bandwidth`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,18 @@ class GPU:
     def memory_bytes(self) -> int:
         return int(self.memory_gib * 2**30)
 
+    def seconds(self, flops: float, dtype: str = "fp32") -> float:
+        """Time of `flops` floating-point operations at this GPU's peak rate for `dtype` (a lower bound).
+
+        Example:
+            GPUS["A100 40GB"].seconds(312e12, "bf16")   # 1.0
+        """
+        rate = {"fp32": self.fp32_tflops, "bf16": self.bf16_tflops}.get(dtype, 0)
+        if not rate:
+            raise ValueError(f"{self.name} has no {dtype!r} rate in the catalog; use 'fp32'"
+                             + (" or 'bf16'" if self.bf16_tflops else ""))
+        return flops / (rate * 1e12)
+
 
 @dataclass(frozen=True)
 class Link:
@@ -48,6 +60,7 @@ class Link:
     gbs_per_direction: float
     source: str
     latency: float = 0.0
+    per_gpu_gbs: float | None = None  # the GPU's total over all its links, each way (NVLink/NVSwitch only)
 
     @property
     def bandwidth(self) -> float:
@@ -71,20 +84,74 @@ GPUS: dict[str, GPU] = {g.name: g for g in [
     GPU("H200 SXM", 141, 4800, 67, 989, "NVIDIA H200 Tensor Core GPU datasheet (SXM, dense BF16)"),
 ]}
 
-# PCIe: transfer rate x 16 lanes x 128b/130b encoding / 8 bits. NVLink: links per GPU x 25 GB/s
-# each way (V100: 6, A100: 12, H100: 18). NVSwitch gives every GPU pair its full NVLink rate.
+@dataclass(frozen=True)
+class NVLinkGeneration:
+    """One NVLink generation: how many links a GPU has and what one link carries, each way.
+
+    `per_gpu_gbs` is the marketed "NVLink bandwidth" halved: vendors quote both directions summed.
+    """
+
+    name: str
+    gpu: str
+    links_per_gpu: int
+    gbs_per_link: float
+    source: str
+
+    @property
+    def per_gpu_gbs(self) -> float:
+        """GB/s each way over all of a GPU's links: the most one GPU can send at once."""
+        return self.links_per_gpu * self.gbs_per_link
+
+
+NVLINK: dict[str, NVLinkGeneration] = {g.name: g for g in [
+    NVLinkGeneration("NVLink 2", "V100", 6, 25, "NVIDIA Tesla V100 GPU Architecture whitepaper (6 links, "
+                     "300 GB/s total both ways)"),
+    NVLinkGeneration("NVLink 3", "A100", 12, 25, "NVIDIA A100 Tensor Core GPU Architecture whitepaper (12 links, "
+                     "600 GB/s total both ways)"),
+    NVLinkGeneration("NVLink 4", "H100", 18, 25, "NVIDIA H100 Tensor Core GPU Architecture whitepaper (18 links, "
+                     "900 GB/s total both ways)"),
+]}
+
+# A Link is what ONE PAIR of GPUs gets each way. PCIe: transfer rate x 16 lanes x 128b/130b / 8.
+# Without a switch, a pair gets the links wired between the two (DGX-1: 1 or 2 of a V100's 6;
+# a 4-GPU HGX A100: 4 of 12 to each peer; an H100 NVL pair: a 12-link bridge). An NVSwitch lets a pair use all of a GPU's links, but
+# only while that GPU talks to one peer: sending to several at once, they share its total.
+_V2, _V3, _V4 = NVLINK["NVLink 2"], NVLINK["NVLink 3"], NVLINK["NVLink 4"]
 LINKS: dict[str, Link] = {k.name: k for k in [
     Link("PCIe 3.0 x16", 15.75, "PCI-SIG, PCI Express Base Specification Revision 3.0 (8 GT/s)"),
     Link("PCIe 4.0 x16", 31.5, "PCI-SIG, PCI Express Base Specification Revision 4.0 (16 GT/s)"),
     Link("PCIe 5.0 x16", 63.0, "PCI-SIG, PCI Express Base Specification Revision 5.0 (32 GT/s)"),
-    Link("NVLink 2 (V100)", 150, "NVIDIA Tesla V100 GPU Accelerator datasheet (NVLink 300 GB/s total)"),
-    Link("NVLink 3 (A100)", 300, "NVIDIA A100 Tensor Core GPU datasheet (NVLink 600 GB/s total)"),
-    Link("NVLink 4 (H100)", 450, "NVIDIA H100 Tensor Core GPU datasheet (NVLink 900 GB/s total)"),
-    Link("NVSwitch (DGX-2, V100)", 150, "NVIDIA DGX-2 datasheet (NVSwitch gen 1: 300 GB/s per GPU, any pair)"),
-    Link("NVSwitch (DGX A100)", 300, "NVIDIA DGX A100 datasheet (NVSwitch gen 2: 600 GB/s per GPU, any pair)"),
-    Link("NVSwitch (DGX H100)", 450, "NVIDIA DGX H100 datasheet / NVLink and NVSwitch product page "
-                                     "(NVSwitch gen 3: 900 GB/s per GPU, any pair)"),
+    Link("NVLink 2 x1 (DGX-1 V100)", 1 * _V2.gbs_per_link, "NVIDIA DGX-1 with Tesla V100 system architecture "
+         "whitepaper (hybrid cube-mesh: a pair has 1 or 2 links)", per_gpu_gbs=_V2.per_gpu_gbs),
+    Link("NVLink 2 x2 (DGX-1 V100)", 2 * _V2.gbs_per_link, "NVIDIA DGX-1 with Tesla V100 system architecture "
+         "whitepaper (hybrid cube-mesh: a pair has 1 or 2 links)", per_gpu_gbs=_V2.per_gpu_gbs),
+    Link("NVLink 3 x4 (HGX A100 4-GPU)", 4 * _V3.gbs_per_link, "NVIDIA HGX A100 4-GPU: every pair joined "
+         "by 4 of each GPU's 12 links", per_gpu_gbs=_V3.per_gpu_gbs),
+    Link("NVLink 4 bridge (H100 NVL pair)", 12 * _V4.gbs_per_link, "NVIDIA H100 NVL datasheet (NVLink bridge "
+         "between the two cards of a pair: 600 GB/s both ways)", per_gpu_gbs=12 * _V4.gbs_per_link),
+    Link("NVSwitch (DGX-2, V100)", _V2.per_gpu_gbs, "NVIDIA DGX-2 datasheet (NVSwitch gen 1: 300 GB/s per GPU "
+         "both ways, any pair)", per_gpu_gbs=_V2.per_gpu_gbs),
+    Link("NVSwitch (DGX A100)", _V3.per_gpu_gbs, "NVIDIA DGX A100 datasheet (NVSwitch gen 2: 600 GB/s per GPU "
+         "both ways, any pair)", per_gpu_gbs=_V3.per_gpu_gbs),
+    Link("NVSwitch (DGX H100)", _V4.per_gpu_gbs, "NVIDIA DGX H100 datasheet (NVSwitch gen 3: 900 GB/s per GPU "
+         "both ways, any pair)", per_gpu_gbs=_V4.per_gpu_gbs),
 ]}
+# Earlier names, kept so existing code keeps working: "NVLink N (GPU)" meant a GPU's whole NVLink
+# bandwidth toward one peer, which only a switch provides.
+ALIASES: dict[str, str] = {"NVLink 2 (V100)": "NVSwitch (DGX-2, V100)", "NVLink 3 (A100)": "NVSwitch (DGX A100)",
+                           "NVLink 4 (H100)": "NVSwitch (DGX H100)"}
+
+
+class _Links(dict):
+    """The catalog; an earlier name (`ALIASES`) still finds its entry but is not listed."""
+
+    def __missing__(self, key: str) -> Link:
+        if key in ALIASES:
+            return self[ALIASES[key]]
+        raise KeyError(f"no link named {key!r}; the catalog has {sorted(self)}")
+
+
+LINKS = _Links(LINKS)
 
 
 def measure_bandwidth(src: str | torch.device, dst: str | torch.device, nbytes: int = 2**26,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from mplib._plot_memory import memory, memory_vs_gpus  # noqa: F401  (memory estimates vs GPU sizes)
+from mplib._plot_plan import plan, plans  # noqa: F401  (per-stage time and memory of partition plans)
 
 # Each function takes the data object it draws plus an optional `ax`, and returns the Axes,
 # so notebooks can compose figures: `mplib.plot.timeline(tl, ax=axes[0])`.
@@ -74,7 +75,11 @@ _KIND_STYLE = {  # kind -> (hatch, lightness mix toward white, bar height)
 }
 
 
-def _time_unit(duration: float) -> tuple[float, str]:
+def _time_unit(duration: float, unit: str | None = None) -> tuple[float, str]:
+    """(scale, label): seconds to s/ms/µs picked from `duration`, or `unit` as given; a unit that
+    is not a time (a simulation in units of one forward, say) is drawn unscaled with its name."""
+    if unit is not None:
+        return {"s": 1.0, "ms": 1e3, "µs": 1e6, "us": 1e6}.get(unit, 1.0), unit
     if duration >= 1.0:
         return 1.0, "s"
     if duration >= 1e-3:
@@ -88,36 +93,54 @@ def _compute_lanes(tl) -> list[int]:
     return lanes or list(range(len(tl.lanes)))
 
 
-def timeline(tl, ax=None, labels: bool = True, title: str | None = None, legend: bool = True):
+def _chunks(tl) -> dict[tuple[int, int], int]:
+    """(lane, stage) -> which of the lane's chunks it is (0, 1, ...): interleaved stages apart."""
+    stages: dict[int, list[int]] = {}
+    for e in tl.events:
+        if e.stage is not None and e.stage not in stages.setdefault(e.lane, []):
+            stages[e.lane].append(e.stage)
+    return {(lane, st): k for lane, sts in stages.items() for k, st in enumerate(sorted(sts))}
+
+
+def timeline(tl, ax=None, labels: bool = True, title: str | None = None, legend: bool = True,
+             xlim: float | None = None, unit: str | None = None):
     """Gantt chart of a Timeline: one row per lane, one colour per micro-batch, idle time blank.
 
     Forward bars are solid, backward lighter, recompute hatched `///`, copies thin and dotted;
-    events without a micro-batch are grey. Measured and simulated timelines draw alike; the
-    title gives the bubble fraction over the lanes that compute.
+    events without a micro-batch are grey. A device's second chunk of an interleaved schedule
+    is outlined thick and labelled `F3'`. Measured and simulated timelines draw alike; the title
+    gives the bubble fraction over the lanes that compute. `xlim` (seconds, or `unit`s) sets the
+    end of the time axis: give several timelines the longest one's end so they compare (or draw
+    them with `timelines`). `unit`: "s", "ms", "µs", or any name for unitless simulated costs
+    ("forward times"); by default s/ms/µs picked from the length.
 
     Example:
         tl = mplib.simulate.simulate(mplib.schedule.build("1f1b", 4, 8), [1] * 4, [2] * 4)
-        mplib.plot.timeline(tl); plt.show()
+        mplib.plot.timeline(tl, unit="forward times"); plt.show()
     """
     from matplotlib.colors import to_rgb
     from matplotlib.patches import Patch
 
     ax = _axes(ax, figsize=(9, 0.55 * len(tl.lanes) + 1.4))
-    scale, unit = _time_unit(tl.end)
+    end = max(tl.end, xlim or 0.0)
+    scale, unit = _time_unit(end, unit)
     cmap = plt.get_cmap("tab10")
+    chunk = _chunks(tl)
     for e in tl.events:
         hatch, light, height = _KIND_STYLE.get(e.kind, _KIND_STYLE["other"])
         base = (0.55, 0.55, 0.55) if e.microbatch is None else to_rgb(cmap(e.microbatch % 10))
         colour = tuple(c + (1 - c) * light for c in base)
+        second = chunk.get((e.lane, e.stage), 0) > 0
         ax.barh(e.lane, e.duration * scale, left=e.start * scale, height=height, color=colour,
-                hatch=hatch, edgecolor="black", linewidth=0.4)
-        if labels and e.microbatch is not None and e.kind != "copy" and tl.end > 0 \
-                and e.duration / tl.end > 0.025:
-            ax.text((e.start + e.duration / 2) * scale, e.lane, f"{e.kind[0].upper()}{e.microbatch}",
-                    ha="center", va="center", fontsize=7)
+                hatch=hatch, edgecolor="black", linewidth=1.6 if second else 0.4)
+        share = e.duration / end if end > 0 else 0
+        if labels and e.microbatch is not None and e.kind != "copy" and share > 0.012:
+            ax.text((e.start + e.duration / 2) * scale, e.lane,
+                    f"{e.kind[0].upper()}{e.microbatch}{chr(39) * chunk.get((e.lane, e.stage), 0)}",
+                    ha="center", va="center", fontsize=7 if share > 0.025 else 5.5)
     ax.set_yticks(range(len(tl.lanes)), tl.lanes)
     ax.set_ylim(len(tl.lanes) - 0.5, -0.5)  # first lane on top
-    ax.set_xlim(0, max(tl.end * scale, 1e-12))
+    ax.set_xlim(0, max(end * scale, 1e-12))
     ax.set_xlabel(f"time ({unit})")
     if title is None:
         title = f"{tl.source} timeline, bubble {tl.bubble_fraction(_compute_lanes(tl)):.0%}"
@@ -126,10 +149,35 @@ def timeline(tl, ax=None, labels: bool = True, title: str | None = None, legend:
         kinds = [k for k in _KIND_STYLE if any(e.kind == k for e in tl.events)]
         handles = [Patch(facecolor=tuple(c + (1 - c) * _KIND_STYLE[k][1] for c in to_rgb(cmap(0))),
                          hatch=_KIND_STYLE[k][0], edgecolor="black", label=k) for k in kinds]
+        if any(k > 0 for k in chunk.values()):
+            handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.6, label="2nd chunk (')"))
         if handles:
             ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
                       title="colour = micro-batch", title_fontsize=8)
     return ax
+
+
+def timelines(tls, titles=None, unit: str | None = None, axes=None, **kwargs):
+    """Several timelines stacked on one time axis: same limit, same unit, so lengths compare.
+
+    Example:
+        mplib.plot.timelines([tl_uniform, tl_optimal], ["uniform", "optimal"]); plt.show()
+    """
+    tls = list(tls)
+    if not tls:
+        raise ValueError("nothing to plot: pass a list of Timelines")
+    titles = [None] * len(tls) if titles is None else list(titles)
+    if len(titles) != len(tls):
+        raise ValueError(f"{len(titles)} titles for {len(tls)} timelines; give one per timeline")
+    if axes is None:
+        rows = sum(0.55 * len(tl.lanes) + 1.0 for tl in tls)
+        _, axes = plt.subplots(len(tls), 1, figsize=(10, rows), sharex=True, squeeze=False)
+        axes = axes[:, 0]
+    end = max(tl.end for tl in tls)
+    for ax, tl, title in zip(axes, tls, titles):
+        timeline(tl, ax=ax, title=title, xlim=end, unit=unit, **kwargs)
+    axes[0].figure.tight_layout()
+    return list(axes)
 
 
 def memory_over_time(tl, ax=None, lanes: list[int] | None = None):
@@ -240,39 +288,3 @@ def embeddings(points, labels, ax=None, title: str | None = None):
 
 
 # --- partition plans (mplib.partition) ----------------------------------------------------------
-
-
-def plan(plan, ax=None):
-    """Per-stage time (left axis) and memory (right axis) bars of a Plan; memory limits dashed.
-
-    The bottleneck stage's time bar is hatched; the title gives the predicted step time.
-
-    Example:
-        p = mplib.partition.optimal(costs, devices=4, chunks=8, memory=8 * 2**30)
-        mplib.plot.plan(p); plt.show()
-    """
-    k = len(plan.balance)
-    if k == 0:
-        raise ValueError("this plan has no stages; build one with mplib.partition.optimal(...) or evaluate(...)")
-    ax = _axes(ax, figsize=(max(5, 1.2 * k + 2), 3))
-    times = [t * 1e3 for t in plan.stage_times]
-    xs = range(k)
-    bars = ax.bar([x - 0.2 for x in xs], times, width=0.4, color="tab:blue", label="time per micro-batch")
-    if plan.bottleneck.startswith("stage"):
-        bars[int(plan.bottleneck.split()[1])].set_hatch("//")
-    ax.set_ylabel("forward + backward (ms)")
-    ax.set_xticks(list(xs), [f"stage {s}\n{plan.balance[s]} blocks" for s in xs])
-    mem = ax.twinx()
-    mem.bar([x + 0.2 for x in xs], [m / 2**20 for m in plan.memory], width=0.4, color="tab:orange",
-            label="memory")
-    if plan.limits:
-        for s in xs:
-            mem.hlines(plan.limits[s] / 2**20, s - 0.45, s + 0.45, colors="black", linestyles="--",
-                       label="memory limit" if s == 0 else None)
-    mem.set_ylabel("memory (MiB)")
-    mem.set_ylim(bottom=0)
-    handles = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.15, 1.0))
-    ax.set_title(f"{plan.schedule}, {plan.chunks} micro-batches: step {plan.step_time * 1e3:.1f} ms, "
-                 f"bottleneck {plan.bottleneck}", fontsize=10)
-    return ax

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mplib.hardware import GPUS, LINKS, fit_table, measure_bandwidth
+from mplib.hardware import ALIASES, GPUS, LINKS, NVLINK, fit_table, measure_bandwidth
 
 
 def test_catalog_has_every_gpu_generation_the_course_names():
@@ -40,12 +40,43 @@ def test_catalog_has_pcie_3_to_5_nvlink_2_to_4_and_nvswitch_with_sources():
     assert all(k.gbs_per_direction > 0 and len(k.source) > 10 for k in LINKS.values())
 
 
-def test_each_pcie_generation_doubles_the_one_before_and_nvlink_beats_the_pcie_of_its_time():
+def test_each_pcie_generation_doubles_the_one_before_and_nvswitch_beats_the_pcie_of_its_time():
     pcie = [LINKS[f"PCIe {g}.0 x16"].gbs_per_direction for g in (3, 4, 5)]
     assert pcie[1] == pytest.approx(2 * pcie[0]) and pcie[2] == pytest.approx(2 * pcie[1])
-    nvlink = [LINKS[n].gbs_per_direction for n in ("NVLink 2 (V100)", "NVLink 3 (A100)", "NVLink 4 (H100)")]
-    assert nvlink == sorted(nvlink)
-    assert all(nv > 5 * p for nv, p in zip(nvlink, pcie))  # V100/PCIe 3, A100/PCIe 4, H100/PCIe 5
+    switched = [LINKS[n].gbs_per_direction for n in ("NVSwitch (DGX-2, V100)", "NVSwitch (DGX A100)",
+                                                     "NVSwitch (DGX H100)")]
+    assert switched == sorted(switched)
+    assert all(nv > 5 * p for nv, p in zip(switched, pcie))  # V100/PCIe 3, A100/PCIe 4, H100/PCIe 5
+
+
+def test_nvlink_per_gpu_is_links_times_per_link_and_half_the_marketed_both_ways_total():
+    marketed = {"NVLink 2": 300, "NVLink 3": 600, "NVLink 4": 900}  # GB/s, both directions summed
+    for name, gen in NVLINK.items():
+        assert gen.gbs_per_link == 25  # every generation here: 25 GB/s each way per link
+        assert gen.per_gpu_gbs == gen.links_per_gpu * gen.gbs_per_link == marketed[name] / 2
+
+
+def test_a_pair_without_a_switch_gets_only_its_links_and_a_switch_gives_it_the_gpus_total():
+    for link in LINKS.values():
+        if link.per_gpu_gbs is not None:
+            assert link.gbs_per_direction <= link.per_gpu_gbs, link.name
+    assert LINKS["NVLink 2 x1 (DGX-1 V100)"].gbs_per_direction == 25
+    assert LINKS["NVLink 3 x4 (HGX A100 4-GPU)"].gbs_per_direction == 4 * 25
+    assert LINKS["NVSwitch (DGX H100)"].gbs_per_direction == NVLINK["NVLink 4"].per_gpu_gbs == 450
+
+
+def test_earlier_link_names_still_resolve_but_are_not_listed_and_unknown_names_say_what_exists():
+    for old, new in ALIASES.items():
+        assert LINKS[old] is LINKS[new] and old not in list(LINKS)
+    with pytest.raises(KeyError, match="no link named 'NVLink 9'"):
+        LINKS["NVLink 9"]
+
+
+def test_gpu_seconds_is_flops_over_the_peak_rate_and_refuses_a_rate_the_chip_lacks():
+    assert GPUS["A100 40GB"].seconds(312e12, "bf16") == pytest.approx(1.0)
+    assert GPUS["A100 40GB"].seconds(19.5e12) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="V100 32GB has no 'bf16' rate"):
+        GPUS["V100 32GB"].seconds(1e12, "bf16")
 
 
 def test_link_seconds_is_bytes_over_the_rate():
