@@ -55,6 +55,7 @@ def memory(estimates, ax=None, gpus=None, logy: bool = False):
         gpus = [g for g in gpus if g.memory_gib <= top]  # a GPU far above every bar would squash them
         ax.set_ylim(0, max([top] + [1.1 * g.memory_gib for g in gpus]))
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(names) - 0.4)
     _gpu_lines(ax, gpus, right=len(names) - 0.45)
     ax.set_ylabel("memory for one training step (GiB)")
     ax.set_title("training memory vs one GPU")
@@ -63,14 +64,25 @@ def memory(estimates, ax=None, gpus=None, logy: bool = False):
 
 
 def _gpu_lines(ax, gpus, right: float) -> None:
-    """A dashed line at each GPU memory size, labelled at x = `right` with the GPUs of that size."""
+    """A dashed line at each GPU memory size; one label (inside the axes, right-aligned at x =
+    `right`) per group of sizes too close to label apart."""
     by_size: dict[float, list[str]] = {}
     for g in gpus:
         by_size.setdefault(g.memory_gib, []).append(g.name)
-    for k, (size, gnames) in enumerate(sorted(by_size.items())):
+    groups: list[list[float]] = []
+    close = 0.05 * ax.get_ylim()[1]
+    for size in sorted(by_size):
         ax.axhline(size, color="black", linestyle="--", linewidth=0.8)
-        ax.text(right, size, f" {' / '.join(gnames)} ({size:g} GiB)", fontsize=7,
-                va="top" if k % 2 == 0 else "bottom")  # alternate sides: close sizes do not overlap
+        if groups and size - groups[-1][-1] < close:
+            groups[-1].append(size)
+        else:
+            groups.append([size])
+    for sizes in groups:
+        names = [n for size in sizes for n in by_size[size]]
+        names = " / ".join(names) if len(sizes) == 1 else f"{names[0]} ... {names[-1]}"
+        gib = f"{sizes[0]:g} GiB" if len(sizes) == 1 else f"{sizes[0]:g}-{sizes[-1]:g} GiB"
+        ax.text(right, sizes[-1], f"{names} ({gib})", fontsize=7, ha="right", va="bottom",
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
 
 
 def memory_vs_gpus(estimates, ax=None, gpus=None):
