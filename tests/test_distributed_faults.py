@@ -24,13 +24,20 @@ class Fault(nn.Module):
         self.inner, self.how, self.at, self.calls = inner, how, None, 0
 
     def forward(self, x):
+        out = self.inner(x)
         if self.at is not None:
             if self.calls == self.at:
                 if self.how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"block gives up on purpose at call {self.calls}")
+                if self.how == "raise":
+                    raise RuntimeError(f"block gives up on purpose at call {self.calls}")
+                out.register_hook(_give_up)  # "backward": raises when autograd reaches this block
             self.calls += 1
-        return self.inner(x)
+        return out
+
+
+def _give_up(grad):
+    raise RuntimeError("block's backward gives up on purpose")
 
 
 def mlp(how="raise", seed=0):
@@ -71,6 +78,13 @@ def test_a_rank_raising_on_micro_batch_m_ends_the_job_within_seconds_naming_rank
                                           r"during its forward: RuntimeError: block gives up on purpose") as exc:
         launch(_fails_on, 2, tmp_path, "raise", 2, schedule, timeout=60, grace=1.0)
     assert exc.value.rank == 1 and time.monotonic() - start < 30  # well inside the 60 s timeout
+    _assert_all_exited(tmp_path, 2)
+
+
+def test_a_rank_raising_in_the_backward_of_micro_batch_m_is_named_too(tmp_path):
+    with pytest.raises(LaunchError, match=r"rank 1 of 2 raised StageError: stage 1 on rank 1 failed on micro-batch 1 "
+                                          r"during its backward: RuntimeError: block's backward gives up on purpose"):
+        launch(_fails_on, 2, tmp_path, "backward", 1, "1f1b", timeout=60, grace=1.0)
     _assert_all_exited(tmp_path, 2)
 
 

@@ -38,10 +38,18 @@ def lm_loss(output, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def reference(name, ids, targets):
+def padding_mask(ids):
+    """An HF attention mask with the first 3 positions of every other row padded (left padding)."""
+    mask = torch.ones_like(ids)
+    mask[::2, :3] = 0
+    return mask
+
+
+def reference(name, ids, targets, masked=False):
     """Loss and every gradient of the unsplit model on one device, on the whole batch."""
     m = model(name)
-    out = m(ids, use_cache=False) if name.startswith("hf") else m(ids)
+    kw = {"attention_mask": padding_mask(ids)} if masked else {}
+    out = m(ids, use_cache=False, **kw) if name.startswith("hf") else m(ids)
     loss = lm_loss(out, targets)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in m.named_parameters()}
@@ -65,21 +73,21 @@ def _steps(rank, world, cases, ids, targets):
     for case in cases:
         name, balance, schedule, chunks, kw = case
         kw = dict(kw)
-        untied = kw.pop("untied", False)
+        untied, masked = kw.pop("untied", False), kw.pop("masked", False)
         m = model(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tensor parallelism announces a padded vocabulary
             pipe = DistributedPipeline(m, balance, loss_fn=lm_loss, chunks=chunks, schedule=schedule, **kw)
         if untied:
             pipe._ties = []  # what torch's pipelining alone does: each stage keeps its own share of a tied weight
-        loss = pipe.step(ids, targets)
+        loss = pipe.step((ids, padding_mask(ids)) if masked else ids, targets)  # HF's (input_ids, attention_mask)
         out.append({"loss": loss, "grads": held_grads(m, pipe), "timeline": pipe.gather_timeline()})
     return out
 
 
 def _assert_equal_to_single_device(cases, results, ids, targets):
     for i, (name, balance, schedule, chunks, kw) in enumerate(cases):
-        loss, grads = reference(name, ids, targets)
+        loss, grads = reference(name, ids, targets, kw.get("masked", False))
         where = f"{name} {balance} {schedule} M={chunks} {kw}"
         seen = set()
         for rank, res in enumerate(results):
@@ -102,7 +110,7 @@ def _run(nprocs, cases):
 
 
 TWO = [("gpt", [2, 2], "gpipe", 4, {}), ("gpt", [2, 2], "1f1b", 4, {}), ("hf-gpt2", [2, 2], "gpipe", 4, {}),
-       ("hf-gpt2", [2, 2], "1f1b", 4, {}), ("lstm", [2, 2], "gpipe", 4, {}), ("lstm", [2, 2], "1f1b", 2, {}),
+       ("hf-gpt2", [2, 2], "1f1b", 4, {}), ("hf-gpt2", [2, 2], "1f1b", 4, {"masked": True}), ("lstm", [2, 2], "gpipe", 4, {}), ("lstm", [2, 2], "1f1b", 2, {}),
        ("gpt", [1, 1, 1, 1], "interleaved", 4, {}), ("gpt", [1, 1, 1, 1], "zbv", 4, {})]
 
 
@@ -154,3 +162,23 @@ EIGHT = [("gpt", [2, 2], "1f1b", 2, {"dp": 2, "tp": 2}), ("hf-gpt2", [2, 2], "gp
 def test_dp_pp_tp_on_eight_processes_equals_the_single_device_model():
     results = _run(8, EIGHT)
     assert results[0][0]["timeline"].lanes[5] == "rank 5: stage 1 (dp 0, tp 1)"
+
+
+def _offsets(rank, world):
+    import socket
+    import time
+
+    from mplib.distributed import clock
+
+    same = clock.offset(lambda: time.perf_counter() + 10.0 * rank)  # one machine: one clock, no correction
+    socket.gethostname = lambda: f"machine-{rank}"  # as if each rank ran on a machine of its own
+    start = time.perf_counter()
+    other = clock.offset(lambda: time.perf_counter() + 10.0 * rank)
+    return same, other, time.perf_counter() - start
+
+
+def test_ranks_on_other_machines_find_their_offset_to_rank_0s_clock_within_a_round_trip():
+    results = launch(_offsets, 3, timeout=60)
+    assert [same for same, _, _ in results] == [0.0, 0.0, 0.0]
+    for rank, (_, other, spent) in enumerate(results):
+        assert spent > 0 and abs(other - (-10.0 * rank)) <= spent  # within the time all its trips took

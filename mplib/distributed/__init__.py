@@ -6,6 +6,7 @@
     stages.py       this rank's PipelineStages, cut from the model's blocks without the tracer
     schedules.py    mplib's schedule names -> torch's classes; the loss weighted as mplib.Pipeline does
     pipeline.py     DistributedPipeline: stages + schedule + tied and data-parallel gradients + timelines
+    clock.py        one clock for every rank's timeline (exact on one machine, a round trip's error across)
     checkpoint.py   torch.distributed.checkpoint under the unsplit model's keys: any layout in, any out
 
 Example (each rank, e.g. under `torchrun --nproc-per-node 2` or `launch(fn, 2)`):

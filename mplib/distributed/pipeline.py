@@ -9,7 +9,6 @@ gradients equal those of the unsplit model on the whole batch.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-from mplib.distributed import checks, schedules
+from mplib.distributed import checks, clock, schedules
 from mplib.distributed.mesh import Mesh, mesh as make_mesh, subgroup
 from mplib.distributed.stages import TimedStage, build, placement
 from mplib.layers import blocks as blocks_of
@@ -92,8 +91,7 @@ class DistributedPipeline(nn.Module):
         self.stage_modules = nn.ModuleList()  # filled by _build; parameters() are this rank's
         self._stage_blocks(balance)
         self._ties = self._tie_groups()
-        dist.barrier()
-        self.epoch = time.perf_counter()  # every rank's clock starts here, so their timelines line up
+        self.epoch = clock.common_start()  # rank 0's moment on this rank's clock: the timelines line up
         self.timeline: Timeline | None = None
         self._schedule: Any = None
         self._shape: list[tuple] | None = None
