@@ -1,6 +1,7 @@
 """mplib.distributed.DistributedPipeline on 2, 4 and 8 gloo processes equals the single-device model: the loss and
 every parameter's gradient (our GPT, HF GPT-2 with its tied embedding and head, a stacked LSTM), under GPipe, 1F1B,
-interleaved 1F1B and ZBV, with data and tensor parallelism on a mesh; each rank's timeline follows the schedule."""
+interleaved 1F1B, looped BFS and torch's zero-bubble schedules, with data and tensor parallelism on a mesh; each
+rank's timeline follows the schedule, on one clock."""
 
 import warnings
 
@@ -111,7 +112,9 @@ def _run(nprocs, cases):
 
 TWO = [("gpt", [2, 2], "gpipe", 4, {}), ("gpt", [2, 2], "1f1b", 4, {}), ("hf-gpt2", [2, 2], "gpipe", 4, {}),
        ("hf-gpt2", [2, 2], "1f1b", 4, {}), ("hf-gpt2", [2, 2], "1f1b", 4, {"masked": True}), ("lstm", [2, 2], "gpipe", 4, {}), ("lstm", [2, 2], "1f1b", 2, {}),
-       ("gpt", [1, 1, 1, 1], "interleaved", 4, {}), ("gpt", [1, 1, 1, 1], "zbv", 4, {})]
+       ("gpt", [1, 1, 1, 1], "interleaved", 4, {}), ("gpt", [1, 1, 1, 1], "looped_bfs", 4, {"virtual": 2}),
+       ("gpt", [1, 1, 1, 1], "zero_bubble", 4, {"virtual": 2}), ("hf-gpt2", [1, 1, 1, 1], "zbv", 4, {}),
+       ("gpt", [1, 1, 1, 1], "dualpipev", 4, {})]  # torch's zero-bubble ones, each backward split in two
 
 
 def test_two_processes_equal_the_single_device_model_and_each_rank_follows_the_schedule():
