@@ -136,6 +136,12 @@ def plot(results: Sequence[Result], ax: Any = None, quality: str = "test accurac
             ax.annotate(r.name, (r.speedup, r.quality), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # log-scale minor labels crowd the axis
+    lo, hi = ax.get_xlim()
+    ax.set_xticks([t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20) if lo <= t <= hi])
     ax.set_xlabel("speed-up over its baseline (x, log scale)")
     ax.set_ylabel(quality)
     ax.legend(fontsize=7, loc="lower left")
