@@ -1,7 +1,7 @@
 """HF GPT-2 and Llama over 2 devices: accelerate's dispatch_model against mplib.split, and mplib.Pipeline at M=4.
 
-Each round times every variant once, side by side, so all see the same machine load; the median of
-the per-round ratios (ours / accelerate's) is printed. Variants, on copies of one model:
+Ours and accelerate's take turns call after call (alternating which goes first), so both see the same
+machine load; the median of the per-pair ratios (ours / accelerate's) is printed. Variants, on copies of one model:
 
 - accelerate: `dispatch_model` with a device map (`infer_auto_device_map` on two GPUs; on CPU the
   same two halves mapped to "cpu" with `force_hooks=True`, so its hooks run as they would on two devices);
@@ -41,6 +41,7 @@ except ImportError:  # the `bench` extra: pip install -e .[bench]
 VOCAB = 2048
 MODELS = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=256, n_layer=4, n_head=4,
+                                               bos_token_id=None, eos_token_id=None,
                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688,
                                                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -98,22 +99,28 @@ def bench(name: str, devices: list[torch.device], batch: int, seq: int, rounds: 
         pipe.zero_grad(set_to_none=True)
         pipe.step({"input_ids": ids, "labels": ids})
 
-    variants = {"split fwd": forward(ours), "split fwd+bwd": step(ours), "pipeline M=4 fwd+bwd": pipe_step}
-    if theirs is not None:
-        variants.update({"accelerate fwd": forward(theirs), "accelerate fwd+bwd": step(theirs)})
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(rounds + 2):  # 2 warm-up rounds
-        for key, fn in variants.items():
-            t = timed(fn, sync)
-            if r >= 2:
-                times[key].append(t)
+    def one(make: Callable[[Any], Callable[[], Any]]) -> Callable[[], Any] | None:
+        return make(theirs) if theirs is not None else None
+
+    pairs = {"split fwd": (forward(ours), one(forward)), "split fwd+bwd": (step(ours), one(step)),
+             "pipeline M=4 fwd+bwd": (pipe_step, one(step))}
+    result = {}
+    for key, (mine, other) in pairs.items():  # one pair at a time, call after call: the load changes slowly
+        times: list[tuple[float, float]] = []
+        for r in range(rounds + 2):  # 2 warm-up rounds; the order alternates, so neither always runs first
+            if other is None:
+                times.append((timed(mine, sync), float("nan")))
+            elif r % 2:
+                times.append((timed(mine, sync), timed(other, sync)))
+            else:
+                theirs_first = timed(other, sync)
+                times.append((timed(mine, sync), theirs_first))
+        times = times[2:]
+        result[f"{key} (s)"] = statistics.median(t for t, _ in times)
+        if other is not None:
+            result[f"{key}: accelerate (s)"] = statistics.median(t for _, t in times)
+            result[f"{key}: ours/accelerate"] = statistics.median(a / b for a, b in times)
     pipe.close()
-    result = {k: statistics.median(v) for k, v in times.items()}
-    if theirs is not None:
-        ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
-        result["split/accelerate fwd"] = ratio("split fwd", "accelerate fwd")
-        result["split/accelerate fwd+bwd"] = ratio("split fwd+bwd", "accelerate fwd+bwd")
-        result["pipeline/accelerate fwd+bwd"] = ratio("pipeline M=4 fwd+bwd", "accelerate fwd+bwd")
     return result
 
 
@@ -135,7 +142,7 @@ def main() -> None:
         result = bench(name, devices, args.batch, args.seq, args.rounds)
         print(f"\n{name}")
         for key, value in result.items():
-            print(f"  {key:28s} {value:8.3f}" + ("x" if "/" in key else " s"))
+            print(f"  {key:40s} {value:8.3f}" + ("x" if "/" in key else ""))
 
 
 if __name__ == "__main__":
