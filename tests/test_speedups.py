@@ -138,6 +138,17 @@ def test_freeze_schedule_freezes_block_after_block_like_freezeout():
         sp.FreezeSchedule([(10, 3), (20, 1)])
 
 
+def test_replan_phases_gives_each_freezing_phase_its_own_optimal_plan():
+    costs = BlockCosts(forward=[1.0] * 8, backward=[2.0] * 8)
+    schedule = sp.FreezeSchedule.linear(blocks=8, steps=100, start=0.5, last=6)
+    phases = sp.replan_phases(schedule, costs, 100, devices=2, chunks=4)
+    assert [(a, b, n) for a, b, n, _ in phases] == list(schedule.phases(100))
+    assert phases[0][3].balance == [4, 4] and phases[-1][2] == 6
+    for _, _, n, plan in phases:
+        assert plan.balance == sp.replan(costs, n, devices=2, chunks=4).balance
+    assert phases[-1][3].balance[0] > 4 and phases[-1][3].step_time < phases[0][3].step_time
+
+
 # -- checkpointing and offload -------------------------------------------------------------------
 
 def _step(model, ids, mask, y):

@@ -15,7 +15,7 @@ from mplib.speedups import distill, freezing, harness, lowrank, memory, offload,
 from mplib.speedups.distill import distill as distill_model
 from mplib.speedups.distill import distillation_loss, half_depth_student
 from mplib.speedups.freezing import (BackwardCounter, FreezeSchedule, freeze, frozen_blocks, frozen_costs, replan,
-                                     unfreeze)
+                                     replan_phases, unfreeze)
 from mplib.speedups.harness import Harness, Result, plot, table
 from mplib.speedups.lowrank import LowRankLinear, factorize, factorize_model, rank_for_energy
 from mplib.speedups.memory import OffloadEstimate, estimate
@@ -29,4 +29,4 @@ __all__ = ["BackwardCounter", "FreezeSchedule", "Harness", "Int4WeightLinear", "
            "Result", "checkpoint", "distill_model", "distillation_loss", "estimate", "factorize", "factorize_model",
            "freeze", "frozen_blocks", "frozen_costs", "half_depth_student", "head_scores", "int8_engines",
            "magnitude_prune", "model_bytes", "plot", "prune_heads", "quantize_dynamic", "quantize_weights",
-           "rank_for_energy", "replan", "table", "uncheckpoint", "unfreeze"]
+           "rank_for_energy", "replan", "replan_phases", "table", "uncheckpoint", "unfreeze"]

@@ -137,6 +137,26 @@ class FreezeSchedule:
             yield a, b, self.frozen(a)
 
 
+def replan_phases(schedule: FreezeSchedule, costs: BlockCosts, steps: int, devices: int | Sequence[Any],
+                  **options: Any) -> list[tuple[int, int, int, mplib.partition.Plan]]:
+    """PipeTransformer's re-planning: for each phase of `schedule`, (first step, end, frozen blocks, plan).
+
+    Each plan is `replan(costs, frozen, devices, **options)`; split the model by it when its phase
+    begins (`mplib.split(model, plan.devices, plan)`), the pipeline skips the frozen stages' backward.
+
+    Example:
+        for first, end, n, plan in replan_phases(FreezeSchedule.linear(10, 1000), costs, 1000, 2, chunks=8):
+            print(first, end, n, plan.balance)
+    """
+    plans: dict[int, mplib.partition.Plan] = {}
+    out = []
+    for first, end, n in schedule.phases(steps):
+        if n not in plans:
+            plans[n] = replan(costs, n, devices, **dict(options))
+        out.append((first, end, n, plans[n]))
+    return out
+
+
 class BackwardCounter:
     """Within `with`: autograd nodes each block's backward runs, counted by hooks on its graph.
 
