@@ -67,6 +67,11 @@ def items(model: nn.Module) -> Callable[[Tensor], int] | None:
 
 
 def check_labels(model: nn.Module, call: dict) -> None:
+    """Refuse labels whose shape the model's own loss would not take (or would take wrongly).
+
+    Example:
+        check_labels(llama, {"input_ids": ids, "labels": ids[:, 1:]})   # ValueError: labels of shape ... (B, T)
+    """
     labels, ids = call.get("labels"), call.get("input_ids", call.get("inputs_embeds"))
     if not isinstance(labels, Tensor) or not isinstance(ids, Tensor):
         return
@@ -105,6 +110,11 @@ def check_call(model: nn.Module, call: dict, owner: object) -> None:
 
 
 def context(model: nn.Module) -> int | None:
+    """The number of positions the model was built with (None when its config does not say).
+
+    Example:
+        context(gpt2)   # config.n_positions, e.g. 1024
+    """
     config = model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 

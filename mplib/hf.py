@@ -27,6 +27,11 @@ IGNORE = -100  # HF's label for "no loss here" (padding, prompt tokens)
 
 
 def is_hf(model: Any) -> bool:
+    """Whether `model` is a Hugging Face `PreTrainedModel` (False when transformers is not installed).
+
+    Example:
+        mplib.hf.is_hf(GPT2LMHeadModel(GPT2Config()))   # True
+    """
     try:
         from transformers import PreTrainedModel
     except ImportError:
@@ -57,6 +62,11 @@ def blocks(model: nn.Module) -> tuple[list[nn.Module], list[str]]:
 
 
 def unsupported(model: Any, why: str) -> TypeError:
+    """The error for a model the rule cannot cut: why, the supported classes, how to pass your own blocks.
+
+    Example:
+        raise mplib.hf.unsupported(opt_model, "its base model is a OPTModel")
+    """
     return TypeError(
         f"mplib cannot cut a {type(model).__qualname__} into blocks: {why}. It cuts HF models whose base model is "
         f"one of {', '.join(SUPPORTED)} (tested: {', '.join(TESTED)}). For another model pass your own blocks, "
@@ -177,6 +187,11 @@ def _carry(reached: _Reached, call: dict, full: bool) -> Carry:
 
 
 def is_cache(value: Any) -> bool:
+    """Whether `value` is an HF KV cache (a `transformers.cache_utils.Cache`, e.g. DynamicCache).
+
+    Example:
+        mplib.hf.is_cache(DynamicCache())   # True
+    """
     from transformers.cache_utils import Cache
 
     return isinstance(value, Cache)
