@@ -108,7 +108,7 @@ def timeline(tl, ax=None, labels: bool = True, title: str | None = None, legend:
 
     Forward bars are solid, backward lighter, recompute hatched `///`, copies thin and dotted;
     events without a micro-batch are grey. A device's second chunk of an interleaved schedule
-    is outlined thick and labelled `F3'`. Measured and simulated timelines draw alike; the title
+    is outlined thick and labelled `F3'` (a bar too narrow for that shows `3'`). Measured and simulated timelines draw alike; the title
     gives the bubble fraction over the lanes that compute. `xlim` (seconds, or `unit`s) sets the
     end of the time axis: give several timelines the longest one's end so they compare (or draw
     them with `timelines`). `unit`: "s", "ms", "µs", or any name for unitless simulated costs
@@ -130,14 +130,15 @@ def timeline(tl, ax=None, labels: bool = True, title: str | None = None, legend:
         hatch, light, height = _KIND_STYLE.get(e.kind, _KIND_STYLE["other"])
         base = (0.55, 0.55, 0.55) if e.microbatch is None else to_rgb(cmap(e.microbatch % 10))
         colour = tuple(c + (1 - c) * light for c in base)
-        second = chunk.get((e.lane, e.stage), 0) > 0
+        primes = "'" * chunk.get((e.lane, e.stage), 0) if e.kind != "copy" else ""
         ax.barh(e.lane, e.duration * scale, left=e.start * scale, height=height, color=colour,
-                hatch=hatch, edgecolor="black", linewidth=1.6 if second else 0.4)
+                hatch=hatch, edgecolor="black", linewidth=1.6 if primes else 0.4)
         share = e.duration / end if end > 0 else 0
-        if labels and e.microbatch is not None and e.kind != "copy" and share > 0.012:
+        if labels and e.microbatch is not None and e.kind != "copy" and share > 0.01:
+            wide = share > 0.025  # room for "F3'"; a narrow bar gets its micro-batch only ("3'")
             ax.text((e.start + e.duration / 2) * scale, e.lane,
-                    f"{e.kind[0].upper()}{e.microbatch}{chr(39) * chunk.get((e.lane, e.stage), 0)}",
-                    ha="center", va="center", fontsize=7 if share > 0.025 else 5.5)
+                    f"{e.kind[0].upper() if wide else ''}{e.microbatch}{primes}",
+                    ha="center", va="center", fontsize=7 if wide else 6)
     ax.set_yticks(range(len(tl.lanes)), tl.lanes)
     ax.set_ylim(len(tl.lanes) - 0.5, -0.5)  # first lane on top
     ax.set_xlim(0, max(end * scale, 1e-12))
