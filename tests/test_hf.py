@@ -287,3 +287,11 @@ def test_multi_label_float_labels_are_taken_as_hf_takes_them():
     batch = hf_batch("BertForSequenceClassification")
     batch["labels"] = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     assert torch.equal(split(model, ["cpu"] * 2)(**batch).loss, ref(**batch).loss)  # BCE, as HF picks it
+
+
+def test_pipeline_asks_for_what_it_cannot_do_with_the_models_own_loss():
+    batch = hf_batch("GPT2LMHeadModel")
+    with pytest.raises(ValueError, match="use loss_on='microbatch', or pass loss_fn"):
+        Pipeline(split(model_of("GPT2LMHeadModel"), ["cpu"] * 2), chunks=2, loss_on="gathered").step(batch)
+    with pytest.raises(ValueError, match="unknown items 'words'; use one of examples, tokens"):
+        Pipeline(split(model_of("GPT2LMHeadModel"), ["cpu"] * 2), chunks=2, items="words")
