@@ -60,19 +60,22 @@ def digest(name: str, answer: Answer, step: float = 1.0) -> str:
     return hashlib.sha256(f"{name}:{forms[0]}".encode()).hexdigest()[:16]
 
 
-def is_right(name: str, answer: Answer) -> bool:
+def is_right(name: str, answer: Answer, step: float = 1.0) -> bool:
     """Whether `answer` to exercise `name` matches its stored hash (within one `step`), silently.
+
+    `name` is a stored exercise's name, or a hash made by `digest("", answer, step)` for an
+    exercise kept in the notebook itself (then `step` is the one it was made with).
 
     Example:
         is_right("01.rnn_params", 6272)
     """
-    ex = _lookup(name)
-    return any(hashlib.sha256(f"{name}:{f}".encode()).hexdigest()[:16] == ex.digest
+    ex, salt = _lookup(name, step)
+    return any(hashlib.sha256(f"{salt}:{f}".encode()).hexdigest()[:16] == ex.digest
                for f in _norm(answer, ex.step))
 
 
-def check(name: str, answer: Answer) -> bool:
-    """Print whether `answer` to exercise `name` is right, and a hint when it is not.
+def check(name: str, answer: Answer, step: float = 1.0, hint: str = "") -> bool:
+    """Print whether `answer` to exercise `name` (or a bare hash, see `is_right`) is right, with a hint if not.
 
     Example:
         check("01.rnn_params", 6272)   # prints "01.rnn_params: right" and returns True
@@ -80,15 +83,20 @@ def check(name: str, answer: Answer) -> bool:
     if answer is None or answer is ...:
         print(f"{name}: replace the placeholder with your answer, then run the cell again")
         return False
-    right = is_right(name, answer)
-    print(f"{name}: right" if right else f"{name}: not yet ({answer!r}). Hint: {_lookup(name).hint}")
+    right = is_right(name, answer, step)
+    ex, _ = _lookup(name, step)
+    print(f"{name}: right" if right else f"{name}: not yet ({answer!r}). Hint: {hint or ex.hint}")
     return right
 
 
-def _lookup(name: str) -> Exercise:
-    if name not in EXERCISES:
-        raise KeyError(f"no exercise named {name!r}; the stored ones are {sorted(EXERCISES)}")
-    return EXERCISES[name]
+def _lookup(name: str, step: float) -> tuple[Exercise, str]:
+    """The exercise and the salt its hash was made with (its name; "" for a bare hash)."""
+    if name in EXERCISES:
+        return EXERCISES[name], name
+    if len(name) == 16 and all(c in "0123456789abcdef" for c in name):
+        return Exercise(name, "work through the section above again, step by step.", step), ""
+    raise KeyError(f"no exercise named {name!r}; the stored ones are {sorted(EXERCISES)}, "
+                   "or pass a hash made by mplib.exercises.digest('', answer, step)")
 
 
 # The answers' hashes; their values are computed from mplib in tests/test_exercises.py.

@@ -127,3 +127,10 @@ def test_placeholder_and_unknown_names_say_what_to_do(capsys):
         check("99.nothing", 1)
     with pytest.raises(TypeError, match="an answer is a number"):
         is_right("00.mib", object())
+
+
+def test_a_bare_hash_made_in_a_notebook_checks_like_a_stored_exercise(capsys):
+    h = digest("", 0.273, step=0.01)
+    assert is_right(h, 3 / 11, step=0.01) and not is_right(h, 0.30, step=0.01)
+    assert check(h, 0.2, step=0.01, hint="(K-1)/(M+K-1)") is False
+    assert "Hint: (K-1)/(M+K-1)" in capsys.readouterr().out
