@@ -5,7 +5,6 @@ rank's timeline follows the schedule, on one clock."""
 
 import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F
 
