@@ -19,15 +19,24 @@ from mplib.timeline import Timeline
 Costs = Sequence[float]
 
 
+def _stages_on(s: Schedule) -> list[int]:
+    """How many stages each device runs (`Schedule.device_of` places them)."""
+    count = [0] * s.num_devices
+    for j in range(s.num_stages):
+        count[s.device_of(j)] += 1
+    return count
+
+
 def _per_stage(costs: Costs, s: Schedule, what: str) -> list[float]:
-    """Per-stage costs from per-device (split over its v stages) or per-stage lists."""
-    K, v, c = s.num_devices, s.virtual, list(costs)
+    """Per-stage costs from per-device (split evenly over the device's stages) or per-stage lists."""
+    K, c = s.num_devices, list(costs)
     if len(c) == s.num_stages:
         return [float(x) for x in c]
     if len(c) == K:
-        return [float(c[j % K]) / v for j in range(s.num_stages)]
+        on = _stages_on(s)
+        return [float(c[s.device_of(j)]) / on[s.device_of(j)] for j in range(s.num_stages)]
     raise ValueError(f"{what} has {len(c)} entries; give one per device ({K})"
-                     + (f" or one per stage ({s.num_stages})" if v > 1 else ""))
+                     + (f" or one per stage ({s.num_stages})" if s.num_stages != K else ""))
 
 
 def _per_cut(transfer: Costs, s: Schedule) -> list[float]:
@@ -61,10 +70,11 @@ def simulate(schedule: Schedule, forward: Costs, backward: Costs, transfer: Cost
     t = _per_cut(transfer, schedule)
     bwd = [b[j] + (f[j] if recompute else 0.0) for j in range(len(b))]
     times = action_times(schedule, lambda j: f[j], lambda j: bwd[j], lambda c: t[c])
-    n_links = (K if schedule.virtual > 1 else K - 1) if any(x > 0 for x in t) and K > 1 else 0
+    # one link lane per pair of devices a cut joins (in cut order), when any transfer takes time
+    ends = [(schedule.device_of(c), schedule.device_of(c + 1)) for c in range(schedule.num_stages - 1)]
+    pairs = list(dict.fromkeys(e for e in ends if e[0] != e[1])) if any(x > 0 for x in t) else []
     names = list(lanes) if lanes is not None else [f"stage {d}" for d in range(K)]
-    tl = Timeline(lanes=names + [f"link {d}->{(d + 1) % K}" for d in range(n_links)],
-                  source="simulated", t0=1.0)
+    tl = Timeline(lanes=names + [f"link {a}->{b}" for a, b in pairs], source="simulated", t0=1.0)
     for a, (start, end) in sorted(times.items(), key=lambda kv: kv[1]):
         j = a.stage
         info = dict(microbatch=a.microbatch, stage=j, label=str(a))
@@ -73,8 +83,8 @@ def simulate(schedule: Schedule, forward: Costs, backward: Costs, transfer: Cost
             start += f[j]
         tl.add(a.device, "forward" if a.kind == "F" else "backward", start, end, **info)
         cut = j if a.kind == "F" else j - 1  # forward sends right, backward sends the gradient left
-        if n_links and 0 <= cut < len(t) and t[cut] > 0 and (cut % K) != ((cut + 1) % K):
-            tl.add(K + cut % K, "copy", end, end + t[cut], **info)
+        if 0 <= cut < len(t) and t[cut] > 0 and ends[cut] in pairs:
+            tl.add(K + pairs.index(ends[cut]), "copy", end, end + t[cut], **info)
     if bytes_per_microbatch is not None:
         _sample_memory(tl, schedule, times, bytes_per_microbatch)
     return tl
@@ -87,12 +97,13 @@ def _sample_memory(tl: Timeline, s: Schedule, times: dict[Action, tuple[float, f
     if len(per_dev) != K:
         raise ValueError(f"bytes_per_microbatch has {len(per_dev)} entries; give one per device ({K}) "
                          "or a single number")
+    on = _stages_on(s)
     for d in range(K):
         held, changes = 0.0, sorted((end, 1 if a.kind == "F" else -1)
                                     for a, (_, end) in times.items() if a.device == d)
         tl.sample_memory(d, 0, at=0.0)
         for at, sign in changes:
-            held += sign * per_dev[d] / s.virtual
+            held += sign * per_dev[d] / max(on[d], 1)
             tl.sample_memory(d, round(held), at=at)
 
 

@@ -31,8 +31,8 @@ class WavefrontSchedule(Schedule):
     `Action.microbatch` holds the cell c = m * T + t (so `chunks` = M * T cells per stage);
     `cell(c)` gives (m, t) back. Stage j runs on device `placement[j]` and walks time forward
     (`directions[j]` = 1) or backward (-1: the reverse direction of a bidirectional bottom layer).
-    With a bidirectional bottom layer there are `num_devices + 1` stages: give `mplib.simulate` one
-    cost per stage (its per-device form assumes stage j sits on device j % K) and no transfers.
+    With a bidirectional bottom layer there are `num_devices + 1` stages, two on device 0:
+    `mplib.simulate` takes one cost per stage, or per device (split over the device's stages).
 
     Example:
         s = wavefront(devices=2, time_chunks=4, chunks=2)

@@ -302,9 +302,6 @@ def test_a_transfer_per_cut_adds_one_hand_over_per_device_each_way_whatever_t():
         assert max(e for _, e in times.values()) == (K - 1) * (f + b + 2 * tau) + cells * (f + b), (K, T, M, bi)
 
 
-@pytest.mark.xfail(strict=True, reason="mplib.simulate maps stage j to device j % K (right for interleaved "
-                   "schedules, not for the bidirectional wavefront's two stages on device 0): per-device costs "
-                   "land on the wrong stages and a transfer draws its copy on a link lane that does not exist")
 def test_simulate_takes_per_device_costs_and_transfers_of_a_bidirectional_wavefront():
     s = wavefront(2, 2, bidirectional=True)  # stages 0 and 1 (both halves) on device 0, stage 2 on device 1
     per_stage = simulate(s, [1, 1, 5], [1, 1, 5])
