@@ -74,19 +74,21 @@ def is_right(name: str, answer: Answer, step: float = 1.0) -> bool:
                for f in _norm(answer, ex.step))
 
 
-def check(name: str, answer: Answer, step: float = 1.0, hint: str = "") -> bool:
+def check(name: str, answer: Answer, step: float = 1.0, hint: str = "") -> None:
     """Print whether `answer` to exercise `name` (or a bare hash, see `is_right`) is right, with a hint if not.
 
+    Returns nothing, so a notebook cell ending in `check(...)` shows only the message; use
+    `is_right` for the boolean.
+
     Example:
-        check("01.rnn_params", 6272)   # prints "01.rnn_params: right" and returns True
+        check("01.rnn_params", 6272)   # prints "01.rnn_params: right"
     """
     if answer is None or answer is ...:
         print(f"{name}: replace the placeholder with your answer, then run the cell again")
-        return False
-    right = is_right(name, answer, step)
+        return
     ex, _ = _lookup(name, step)
+    right = is_right(name, answer, step)
     print(f"{name}: right" if right else f"{name}: not yet ({answer!r}). Hint: {hint or ex.hint}")
-    return right
 
 
 def _lookup(name: str, step: float) -> tuple[Exercise, str]:

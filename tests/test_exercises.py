@@ -102,8 +102,10 @@ def test_right_answer_passes_and_wrong_one_fails(name, capsys):
     right = compute()
     assert is_right(name, right), f"{name}: stored digest is not that of {right!r} (digest {digest(name, right, EXERCISES[name].step)})"
     assert not is_right(name, wrong)
-    assert check(name, wrong) is False
+    check(name, wrong)
     assert "Hint:" in capsys.readouterr().out
+    check(name, right)
+    assert capsys.readouterr().out == f"{name}: right\n"
 
 
 def test_numbers_pass_within_one_step_of_the_grid_point_and_not_beyond():
@@ -121,7 +123,7 @@ def test_strings_lists_and_tensors_are_normalised():
 
 
 def test_placeholder_and_unknown_names_say_what_to_do(capsys):
-    assert check("00.mib", None) is False
+    check("00.mib", None)
     assert "replace the placeholder" in capsys.readouterr().out
     with pytest.raises(KeyError, match="no exercise named"):
         check("99.nothing", 1)
@@ -132,5 +134,5 @@ def test_placeholder_and_unknown_names_say_what_to_do(capsys):
 def test_a_bare_hash_made_in_a_notebook_checks_like_a_stored_exercise(capsys):
     h = digest("", 0.273, step=0.01)
     assert is_right(h, 3 / 11, step=0.01) and not is_right(h, 0.30, step=0.01)
-    assert check(h, 0.2, step=0.01, hint="(K-1)/(M+K-1)") is False
+    check(h, 0.2, step=0.01, hint="(K-1)/(M+K-1)")
     assert "Hint: (K-1)/(M+K-1)" in capsys.readouterr().out
