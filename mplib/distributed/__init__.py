@@ -4,7 +4,8 @@
     mesh.py         the pp x dp x tp grid of ranks and its process groups (a torch DeviceMesh too)
     checks.py       every process must run the same plan on the same model: a fingerprint, compared
     stages.py       this rank's PipelineStages, cut from the model's blocks without the tracer
-    schedules.py    mplib's schedule names -> torch's classes; the loss weighted as mplib.Pipeline does
+    schedules.py    mplib's schedule names -> torch's classes
+    weighting.py    each micro-batch's loss weighted by its share of the global batch's items, as mplib.Pipeline
     pipeline.py     DistributedPipeline: stages + schedule + tied and data-parallel gradients + timelines
     clock.py        one clock for every rank's timeline (exact on one machine, a round trip's error across)
     checkpoint.py   torch.distributed.checkpoint under the unsplit model's keys: any layout in, any out

@@ -1,10 +1,10 @@
 """An mplib plan run by torch.distributed.pipelining over processes: stages, schedule, tied and data-parallel gradients.
 
 `DistributedPipeline` holds the configuration and this rank's stages; each `step` builds a
-`_Step` (its timeline and losses) and drops it. After torch's schedule has run every backward,
-the gradients of tied weights are summed between the stages that hold them, then every gradient
-is summed over the data-parallel replicas (each replica's loss was weighted by 1/dp), so the
-gradients equal those of the unsplit model on the whole batch.
+`_Step` (its timeline and losses) and drops it. Each micro-batch's loss is weighted by its
+share of the global batch's items (`weighting`). After torch's schedule has run every backward, the
+gradients of tied weights are summed between the stages that hold them, then every gradient is
+summed over the data-parallel replicas, so they equal those of the unsplit model on the whole batch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-from mplib.distributed import checks, clock, schedules
+from mplib.distributed import checks, clock, schedules, weighting
 from mplib.distributed.mesh import Mesh, mesh as make_mesh, subgroup
 from mplib.distributed.stages import TimedStage, build, placement
 from mplib.layers import blocks as blocks_of
@@ -36,19 +36,32 @@ class DistributedPipeline(nn.Module):
     over the mesh's tp group); the world must hold pp x dp x tp processes, pp = stages / virtual.
     Every rank builds the same model from the same seed and calls this alike; a fingerprint
     compares them first. `example`: one micro-batch of inputs to build the stages now (else the
-    first step's first micro-batch is used). Micro-batches must be of equal size (torch receives
-    into buffers of one shape).
+    first step's first micro-batch is used).
+
+    Each micro-batch's `loss_fn` is weighted by its share of what the loss is a mean over, in the
+    whole batch of every replica, as `mplib.Pipeline` weighs it: its examples (`items="examples"`,
+    the default), or its counted tokens, targets not -100 (`items="tokens"`, or a function of its
+    targets returning the count), as HF divides by `num_items_in_batch`; the replicas sum their
+    counts in one all-reduce. So the loss and every gradient equal the unsplit model's mean over
+    the counted items, also when chunks x dp does not divide the batch (torch's stages receive into
+    buffers of one shape, so a smaller micro-batch is padded with copies of its first row, and the
+    padding is cut from the last stage's output, every tensor whose dim 0 is the padded size,
+    before the loss) and however ignored labels fall. An HF model's own loss (a dict batch with
+    "labels") is not taken here: pass its inputs and labels as (batch, targets) with a `loss_fn`.
 
     Example:
         pipe = DistributedPipeline(GPT(GPT_TINY), plan, loss_fn=lm_loss)   # on every rank
         loss = pipe.step(x, y); optimizer.step()    # every rank passes the whole batch
+        tokens = DistributedPipeline(GPT(GPT_TINY), [2, 2], loss_fn=lm_loss, chunks=3, items="tokens")
+        loss = tokens.step(x[:10], y[:10].masked_fill(y[:10] == 0, -100))   # mean over counted tokens
     """
 
     def __init__(self, model: Any, plan: Any, loss_fn: Callable[[Any, Any], Tensor], *, chunks: int | None = None,
                  schedule: str | None = None, virtual: int | None = None, dp: int = 1, tp: int = 1,
                  mesh: Mesh | None = None, example: Batch | None = None, device: Any = None,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, items: str | Callable[[Any], int] | None = None) -> None:
         super().__init__()
+        self.items, self._count = items, weighting.check_items(items)
         blocks = blocks_of(model)
         balance = checks.check_balance(getattr(plan, "balance", plan), len(blocks))
         self.schedule_name = str(schedule or getattr(plan, "schedule", None) or "1f1b").lower()
@@ -130,7 +143,7 @@ class DistributedPipeline(nn.Module):
         self.stages = build(self.blocks, self.balance, self.pp_rank, ranks, self.mesh.groups["pp"], example,
                             self.device, self.style)
         last = next((st.submod for st in self.stages if st.is_last), None)
-        self._loss = schedules.WeightedLoss(self.loss_fn, last.output_of if last is not None else lambda out: out)
+        self._loss = weighting.WeightedLoss(self.loss_fn, last.output_of if last is not None else lambda out: out)
         single = issubclass(self.torch_class, PipelineScheduleSingle)  # takes one stage, not a list
         target = self.stages[0] if single else self.stages
         self._schedule = self.torch_class(target, n_microbatches=self.chunks, loss_fn=self._loss, scale_grads=False)
@@ -140,30 +153,25 @@ class DistributedPipeline(nn.Module):
     def step(self, batch: Batch, targets: Tensor) -> Tensor:
         """Forward and backward of the whole batch; gradients accumulate in this rank's parameters.
 
-        Every rank passes the same whole batch: data-parallel replica i takes rows [i B/dp, (i+1) B/dp).
-        Returns the loss of the whole batch (a mean, as `loss_fn`'s over it) on every rank.
+        Every rank passes the same whole batch: data-parallel replica i takes the i-th of dp parts
+        of its rows (as `mplib.microbatch.chunk_sizes` cuts them, the first ones one row larger)
+        and cuts it into `chunks` micro-batches alike. Returns the loss of the whole batch (the mean
+        over its items, as `loss_fn`'s over it) on every rank.
 
         Example:
             pipe.zero_grad(); loss = pipe.step(x, y); optimizer.step()
         """
-        inputs, targets = self._local(_as_tuple(batch), targets)
+        inputs = _as_tuple(batch)
+        rows, sizes = weighting.rows(inputs[0].shape[0], self.mesh.shape["dp"], self.mesh.coords["dp"], self.chunks)
+        inputs = tuple(weighting.pad(t[rows].to(self.device), sizes) for t in inputs)  # equal micro-batches
         if self._schedule is None:
-            self._build(tuple(t[: t.shape[0] // self.chunks] for t in inputs))
-        mb = [(t.shape[0] // self.chunks, *t.shape[1:]) for t in inputs]
+            self._build(tuple(t[: max(sizes)] for t in inputs))
+        mb = [(max(sizes), *t.shape[1:]) for t in inputs]
         if mb != self._shape:
             raise ValueError(f"this step's micro-batches have shapes {mb} but the stages were built for {self._shape}; "
                              "torch's stages receive into buffers of one shape: keep the batch shape fixed (pad, or "
                              "build another DistributedPipeline)")
-        return _Step(self, inputs, targets).run()
-
-    def _local(self, inputs: tuple[Tensor, ...], targets: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
-        dp, i, M = self.mesh.shape["dp"], self.mesh.coords["dp"], self.chunks
-        B = inputs[0].shape[0]
-        if B % (dp * M):
-            raise ValueError(f"a batch of {B} rows cannot be cut into dp={dp} replicas x {M} equal micro-batches; "
-                             f"use a batch that is a multiple of {dp * M} (torch's stages need equal micro-batches)")
-        rows = slice(i * B // dp, (i + 1) * B // dp)
-        return tuple(t[rows].to(self.device) for t in inputs), targets[rows].to(self.device)
+        return _Step(self, inputs, targets[rows].to(self.device), sizes).run()
 
     def gather_timeline(self, dst: int = 0) -> Timeline | None:
         """Every rank's timeline of the last step on `dst` (None on the others), one lane per rank, on one clock.
@@ -194,8 +202,9 @@ class DistributedPipeline(nn.Module):
 class _Step:
     """One step of `pipe`: its timeline and its losses; built by `step`, run once, then dropped."""
 
-    def __init__(self, pipe: DistributedPipeline, inputs: tuple[Tensor, ...], targets: Tensor) -> None:
-        self.pipe, self.inputs, self.targets = pipe, inputs, targets
+    def __init__(self, pipe: DistributedPipeline, inputs: tuple[Tensor, ...], targets: Tensor,
+                 sizes: list[int]) -> None:
+        self.pipe, self.inputs, self.targets, self.sizes = pipe, inputs, targets, sizes
         self.timeline = Timeline(lanes=[pipe.lane_name()], t0=pipe.epoch)
         self.losses: list[Tensor] = []
 
@@ -208,11 +217,13 @@ class _Step:
         pipe = self.pipe
         first = any(st.is_first for st in pipe.stages)
         last = any(st.is_last for st in pipe.stages)
-        pipe._loss.scale = 1.0 / (pipe.chunks * pipe.mesh.shape["dp"])  # mplib.Pipeline's weights, over replicas
+        if last:  # mplib.Pipeline's weights, over every replica's items; the dp group shares this pp rank
+            pipe._loss.begin(self.targets, self.sizes, pipe._count,
+                             pipe.mesh.groups["dp"] if pipe.mesh.shape["dp"] > 1 else None)
         for st in pipe.stages:
             st.recorder = self.record
         try:
-            pipe._schedule.step(*(self.inputs if first else ()), target=self.targets if last else None,
+            pipe._schedule.step(*(self.inputs if first else ()), target=torch.arange(pipe.chunks) if last else None,
                                 losses=self.losses if last else None, return_outputs=False)
         finally:
             for st in pipe.stages:

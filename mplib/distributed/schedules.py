@@ -1,4 +1,4 @@
-"""mplib's schedule names mapped onto torch.distributed.pipelining's classes, and the loss they all weigh alike.
+"""mplib's schedule names mapped onto torch.distributed.pipelining's classes (the loss is weighed in `weighting`).
 
 | mplib name | torch class | stages per rank | placement |
 | --- | --- | --- | --- |
@@ -18,9 +18,8 @@ bubble).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from torch import Tensor
 from torch.distributed import pipelining as pp
 
 SCHEDULES: dict[str, tuple[Any, str, int | None]] = {  # name: (class, placement, stages per rank or None: any)
@@ -64,22 +63,3 @@ def check(name: str, num_stages: int, ranks: int, chunks: int) -> tuple[Any, str
                          f"{chunks + ranks - chunks % ranks}")
     return cls, style, v
 
-
-class WeightedLoss:
-    """`loss_fn(output, targets)` of one micro-batch times its share of the whole batch, as `mplib.Pipeline` weighs it.
-
-    With `scale` = micro-batch size / (batch size x data-parallel replicas), the weighted losses of
-    every micro-batch of every replica add up to the mean over the whole batch, and so do their
-    gradients once the replicas' are summed; torch's schedules then run with scale_grads=False.
-    """
-
-    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], output_of: Callable[[Any], Any]) -> None:
-        self.loss_fn, self.output_of, self.scale = loss_fn, output_of, 1.0
-
-    def __call__(self, output: Any, targets: Any) -> Tensor:
-        loss = self.loss_fn(self.output_of(output), targets)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar tensor (the loss of the micro-batch), got {got}; "
-                             "reduce it, e.g. with .mean()")
-        return loss * self.scale
