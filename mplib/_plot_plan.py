@@ -77,7 +77,9 @@ def plans(plans, titles=None, axes=None):
         axes = axes[0]
     time_max = 1.15 * max(t * 1e3 for p in plans for t in p.stage_times)
     memory_max = max(_memory_top([m / 2**20 for m in p.memory], p.limits) for p in plans)
-    for ax, p, title in zip(axes, plans, titles):
+    for k, (ax, p, title) in enumerate(zip(axes, plans, titles)):
         plan(p, ax=ax, title=title, time_max=time_max, memory_max=memory_max)
+        if k < len(plans) - 1:
+            ax.get_legend().remove()  # one legend, beside the last panel
     axes[0].figure.tight_layout()
     return list(axes)

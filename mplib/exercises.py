@@ -131,6 +131,8 @@ EXERCISES: dict[str, Exercise] = {
                              "4 B T (16 C + 4 + n_head) bytes, to one decimal in MiB.", 0.1),
     "06.largest_batch": Exercise("f1abd69292d19a8d", "(A100 bytes - model state) // activations of one sequence; "
                                  "model state does not grow with the batch."),
+    "06.h100s_gpt3": Exercise("2db57fa447ce76b7", "estimate GPT-3 at batch 1, sequence 2048, then divide its total "
+                              "by one H100's memory (80 GiB) and round up; at batch 8 it was 47."),
     "08.min_chunks": Exercise("3a169c19d4508290", "solve (K - 1) / (M + K - 1) < 0.1 for the smallest whole M."),
     "08.peak_in_flight": Exercise("48141eb331d81700", "answer (GPipe, 1F1B): GPipe runs every forward before the "
                                   "first backward; 1F1B starts backwards after K forwards on stage 0."),

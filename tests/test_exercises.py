@@ -60,6 +60,11 @@ def _largest_batch():  # notebook 06, exercise 2
     return (mplib.hardware.GPUS["A100 40GB"].memory_bytes - (one.params + one.grads + one.optimizer)) // one.activations
 
 
+def _h100s_for_gpt3():  # notebook 06, exercise 3: by memory alone, batch 1
+    gpt3 = GPTConfig(vocab_size=50257, block_size=2048, n_layer=96, n_head=96, n_embd=12288)
+    return math.ceil(mplib.memory.estimate(gpt3, batch=1, seq=2048).total / mplib.hardware.GPUS["H100 SXM"].memory_bytes)
+
+
 def _min_chunks(k=4):
     return next(m for m in range(1, 1000) if bubble_fraction(build("gpipe", k, m)) < 0.10)
 
@@ -83,6 +88,7 @@ ANSWERS = {
     "06.layer_mib": (lambda: mplib.memory.estimate(GPT2_MEDIUM, batch=8, seq=1024).per_block[1].activations / 2**20,
                      8 * 1024 * 1024 * 4 * 16 / 2**20),
     "06.largest_batch": (_largest_batch, 8),
+    "06.h100s_gpt3": (_h100s_for_gpt3, 47),
     "08.min_chunks": (_min_chunks, 27),
     "08.peak_in_flight": (lambda: (build("gpipe", 4, 8).peak_in_flight()[0], build("1f1b", 4, 8).peak_in_flight()[0]),
                           (4, 8)),
