@@ -12,19 +12,29 @@ from mplib.distributed import DistributedPipeline, launch, weighting
 V = 64
 
 
-def gpt(seed=0):
+def model(name="gpt"):
+    """Our tiny GPT, or HF GPT-2 (fed its input_ids and an attention mask: two inputs padded alike)."""
+    torch.manual_seed(0)
+    if name == "hf-gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_layer=2, n_head=2, n_embd=16, bos_token_id=0,
+                                          eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     from mplib.models.gpt import GPT, GPTConfig
 
-    torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=16))
 
 
+def logits(output):
+    return (output.logits if hasattr(output, "logits") else output).reshape(-1, V)
+
+
 def lm_loss(output, targets):  # a mean over the tokens whose target is not -100
-    return F.cross_entropy(output.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits(output), targets.reshape(-1), ignore_index=-100)
 
 
 def row_loss(output, targets):  # a mean over examples (rows): each row's summed token loss
-    return F.cross_entropy(output.reshape(-1, V), targets.reshape(-1), reduction="sum") / targets.shape[0]
+    return F.cross_entropy(logits(output), targets.reshape(-1), reduction="sum") / targets.shape[0]
 
 
 LOSSES = {"lm": lm_loss, "row": row_loss}
@@ -46,29 +56,37 @@ def batch(B, T=6, seed=1):
     return ids, targets
 
 
-def reference(loss, ids, targets):
-    m = gpt()
-    value = LOSSES[loss](m(ids), targets)
+def mask(ids):
+    """An HF attention mask with the first 2 positions of every other row padded (left padding)."""
+    out = torch.ones_like(ids)
+    out[::2, :2] = 0
+    return out
+
+
+def reference(name, loss, ids, targets):
+    m = model(name)
+    value = LOSSES[loss](m(ids, attention_mask=mask(ids), use_cache=False) if name == "hf-gpt2" else m(ids), targets)
     value.backward()
     return value.detach(), {n: p.grad for n, p in m.named_parameters()}
 
 
 def _steps(rank, world, cases, ids, targets):
     out = []
-    for balance, schedule, chunks, dp, loss, items, rows in cases:
-        m = gpt()
+    for name, balance, schedule, chunks, dp, loss, items, rows in cases:
+        m = model(name)
         pipe = DistributedPipeline(m, balance, loss_fn=LOSSES[loss], chunks=chunks, schedule=schedule, dp=dp,
                                    items=items)
-        value = pipe.step(ids[:rows], targets[:rows])
+        x = ids[:rows]
+        value = pipe.step((x, mask(x)) if name == "hf-gpt2" else x, targets[:rows])
         held = {id(p) for p in pipe.parameters()}
         out.append((value, {n: p.grad.clone() for n, p in m.named_parameters() if id(p) in held}))
     return out
 
 
 def _check(cases, results, ids, targets):
-    for i, (balance, schedule, chunks, dp, loss, items, rows) in enumerate(cases):
-        ref, grads = reference(loss, ids[:rows], targets[:rows])
-        where = f"{balance} {schedule} M={chunks} dp={dp} {loss} items={items} B={rows}"
+    for i, (name, balance, schedule, chunks, dp, loss, items, rows) in enumerate(cases):
+        ref, grads = reference(name, loss, ids[:rows], targets[:rows])
+        where = f"{name} {balance} {schedule} M={chunks} dp={dp} {loss} items={items} B={rows}"
         seen = set()
         for rank, res in enumerate(results):
             value, held = res[i]
@@ -82,10 +100,11 @@ def _check(cases, results, ids, targets):
         assert seen == set(grads), f"{where}: no rank holds {set(grads) - seen}"
 
 
-TWO = [([2, 2], "gpipe", 3, 1, "lm", "tokens", 10),  # micro-batches of 4, 3, 3 rows
-       ([2, 2], "1f1b", 4, 1, "lm", "tokens", 10),  # 3, 3, 2, 2; the all-ignored row in micro-batch 0
-       ([2, 2], "1f1b", 3, 1, "row", None, 7),  # a mean over examples (the default): 3, 2, 2
-       ([2, 2], "gpipe", 4, 1, "lm", "tokens", 4)]  # micro-batch 0 is the all-ignored row: it weighs nothing
+TWO = [("gpt", [2, 2], "gpipe", 3, 1, "lm", "tokens", 10),  # micro-batches of 4, 3, 3 rows
+       ("gpt", [2, 2], "1f1b", 4, 1, "lm", "tokens", 10),  # 3, 3, 2, 2; the all-ignored row in micro-batch 0
+       ("gpt", [2, 2], "1f1b", 3, 1, "row", None, 7),  # a mean over examples (the default): 3, 2, 2
+       ("gpt", [2, 2], "gpipe", 4, 1, "lm", "tokens", 4),  # micro-batch 0 is the all-ignored row: weighs nothing
+       ("hf-gpt2", [2, 2], "1f1b", 3, 1, "lm", "tokens", 10)]  # (ids, mask) padded alike
 
 
 def test_two_processes_weigh_uneven_micro_batches_by_their_counted_items():
@@ -93,8 +112,8 @@ def test_two_processes_weigh_uneven_micro_batches_by_their_counted_items():
     _check(TWO, launch(_steps, 2, TWO, ids, targets, timeout=120), ids, targets)
 
 
-FOUR = [([2, 2], "1f1b", 2, 2, "lm", "tokens", 11),  # replicas of 6 and 5 rows; most ignored labels on replica 0
-        ([2, 2], "gpipe", 2, 2, "lm", counted, 9)]  # a count function; replicas of 5 and 4 rows
+FOUR = [("gpt", [2, 2], "1f1b", 2, 2, "lm", "tokens", 11),  # replicas of 6 and 5 rows; the ignored ones on 0
+        ("gpt", [2, 2], "gpipe", 2, 2, "lm", counted, 9)]  # a count function; replicas of 5 and 4 rows
 
 
 def test_dp_by_pp_weighs_each_replica_by_its_share_of_the_global_items():
