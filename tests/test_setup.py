@@ -72,9 +72,36 @@ def test_readme_ten_line_example_runs_and_checks_itself(capsys):
     assert "stage" in capsys.readouterr().out  # the plan was printed
 
 
-def test_every_python_example_in_the_readme_runs(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def _readme_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def _torchrun_file(code: str) -> str | None:
+    """The file name of an example meant for torchrun ("# step.py: ... torchrun ..."), else None."""
+    m = re.match(r"# (\w+\.py): .*torchrun", code)
+    return m.group(1) if m else None
+
+
+def test_every_python_example_in_the_readme_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that save (save_pretrained("out"), checkpoints) save here
+    blocks = [b for b in _readme_blocks() if _torchrun_file(b) is None]
     assert len(blocks) >= 3
     for i, code in enumerate(blocks):
         exec(compile(code, f"README.md python block {i}", "exec"), {})
     assert capsys.readouterr().out  # each example prints what it shows
+
+
+def test_the_readme_torchrun_example_runs_under_torchrun_on_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    found = [(name, b) for b in _readme_blocks() if (name := _torchrun_file(b))]
+    assert found, "the README shows a torchrun example"
+    for name, code in found:
+        (tmp_path / name).write_text(code)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              name], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert (tmp_path / "ckpt" / "step-1").is_dir()  # the checkpoint the example saves from both ranks
