@@ -204,7 +204,8 @@ class SplitModel(nn.Module):
                             "return tensors, or move the cut with balance=[...]") from None
 
     def _forward_recorded(self, tl: Timeline, args: tuple, kwargs: dict) -> Any:
-        sync = torch.cuda.synchronize if any(d.type == "cuda" for d in self.devices) else None
+        gpus = list(dict.fromkeys(d for d in self.devices if d.type == "cuda"))
+        sync = (lambda: [torch.cuda.synchronize(d) for d in gpus]) if gpus else None  # every GPU of the split
         x = None
         for i, stage in enumerate(self.stages):
             clock = _BackwardClock(tl, i, sync)

@@ -342,9 +342,6 @@ def test_pipeline_workers_compute_on_their_own_gpu():
 
 
 @two_gpus
-@pytest.mark.xfail(reason="SplitModel._forward_recorded syncs with torch.cuda.synchronize(), i.e. the current "
-                          "GPU only; a stage on another GPU is timed by its launch. Fix: sync every CUDA "
-                          "device of the split", strict=False)
 def test_a_recorded_split_over_two_gpus_times_the_second_gpus_work():
     cycles = sleep_cycles(SLEEP_MS)
     sm = split(nn.Sequential(nn.Linear(4, 4), Sleep(cycles)), ["cuda:0", "cuda:1"], record=True)
