@@ -136,5 +136,5 @@ def test_weights_are_each_micro_batch_share_of_the_items_and_padding_repeats_a_r
     assert weighting.rows(11, 2, 1, 2) == (slice(6, 11), [3, 2])
     with pytest.raises(ValueError, match="at least 8 rows"):
         weighting.rows(7, 2, 0, 4)
-    with pytest.raises(ValueError, match="unknown items 'token'"):
-        weighting.check_items("token")
+    with pytest.raises(ValueError, match="unknown items 'token'; use one of examples, tokens"):
+        DistributedPipeline(model(), [2, 2], loss_fn=lm_loss, chunks=2, items="token")  # before any process group

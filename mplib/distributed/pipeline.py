@@ -219,7 +219,7 @@ class _Step:
         last = any(st.is_last for st in pipe.stages)
         if last:  # mplib.Pipeline's weights, over every replica's items; the dp group shares this pp rank
             pipe._loss.begin(self.targets, self.sizes, pipe._count,
-                             pipe.mesh.groups["dp"] if pipe.mesh.shape["dp"] > 1 else None)
+                             pipe.mesh.groups["dp"] if pipe.mesh.shape["dp"] > 1 else None, pipe.device)
         for st in pipe.stages:
             st.recorder = self.record
         try:

@@ -57,15 +57,16 @@ def pad(t: Tensor, sizes: list[int]) -> Tensor:
     return t if n * len(sizes) == t.shape[0] else t[torch.tensor(index, device=t.device)]
 
 
-def weights(counts: list[int], sizes: list[int], group: Any = None) -> list[float]:
+def weights(counts: list[int], sizes: list[int], group: Any = None, device: Any = None) -> list[float]:
     """Each micro-batch's share of the global batch's items: its count over all replicas' (one all-reduce).
 
     Of the examples when nothing is counted anywhere, as `mplib._losses.shares` does in one process.
+    `device`: where the counts are summed (a GPU's for NCCL, which reduces no CPU tensor).
 
     Example:
         weights([3, 1], [2, 2])   # [0.75, 0.25] on one replica; over `group`, the sum of every replica's
     """
-    total = torch.tensor([float(sum(counts)), float(sum(sizes))], dtype=torch.float64)
+    total = torch.tensor([float(sum(counts)), float(sum(sizes))], dtype=torch.float64, device=device)
     if group is not None:
         dist.all_reduce(total, group=group)
     items, examples = total.tolist()
@@ -86,11 +87,12 @@ class WeightedLoss:
         self.sizes: list[int] = []
         self.weights: list[float] = []
 
-    def begin(self, targets: Any, sizes: list[int], count: Count | None, group: Any = None) -> None:
+    def begin(self, targets: Any, sizes: list[int], count: Count | None, group: Any = None,
+              device: Any = None) -> None:
         """The step's targets (this replica's), its micro-batch sizes, and their weights over `group`'s replicas."""
         self.targets, self.sizes = scatter(targets, len(sizes)), sizes
         counts = [count(t) for t in self.targets] if count is not None else sizes
-        self.weights = weights(counts, sizes, group)
+        self.weights = weights(counts, sizes, group, device)
 
     def __call__(self, output: Any, index: Tensor) -> Tensor:
         m = int(index.reshape(-1)[0])
