@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from mplib._losses import fresh_leaf
-from mplib._runner import Failure, Mailbox, _Aborted, _has_dropout, consumers, microbatch_seed
+from mplib._mailbox import Failure, Mailbox, _Aborted, consumers
+from mplib._runner import _has_dropout, microbatch_seed
 from mplib.microbatch import _leaves, batch_size, chunk_sizes, gather, scatter
 from mplib.schedule import Action
 from mplib.models.rnn import StackedLayer

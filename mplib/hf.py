@@ -30,7 +30,7 @@ def is_hf(model: Any) -> bool:
     """Whether `model` is a Hugging Face `PreTrainedModel` (False when transformers is not installed).
 
     Example:
-        mplib.hf.is_hf(GPT2LMHeadModel(GPT2Config()))   # True
+        mplib.hf.is_hf(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2)))   # True
     """
     try:
         from transformers import PreTrainedModel
@@ -65,7 +65,7 @@ def unsupported(model: Any, why: str) -> TypeError:
     """The error for a model the rule cannot cut: why, the supported classes, how to pass your own blocks.
 
     Example:
-        raise mplib.hf.unsupported(opt_model, "its base model is a OPTModel")
+        raise mplib.hf.unsupported(opt_model, "its base model is a OPTModel")   # TypeError naming the supported classes
     """
     return TypeError(
         f"mplib cannot cut a {type(model).__qualname__} into blocks: {why}. It cuts HF models whose base model is "

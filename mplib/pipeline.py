@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from mplib import _batchnorm, _hf_split
 from mplib._losses import LOSSES, BadLoss, Count
-from mplib._runner import Failure, Runner, consumers, microbatch_seed
+from mplib._mailbox import Failure, consumers
+from mplib._runner import Runner, microbatch_seed
 from mplib.schedule import NAMES, build
 from mplib.timeline import Timeline
 from mplib.worker import Workers

@@ -100,13 +100,17 @@ def _reader_names() -> dict:
 
 def _hf_fixtures(ns: dict) -> None:
     """A tiny Llama and GPT-2 from configs, a split of the Llama, an HF batch with labels."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, \
+        OPTForCausalLM
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     llama = LlamaForCausalLM(config)
     ids = torch.randint(0, 64, (4, 8))
     ns.update(config=config, llama=llama, LlamaForCausalLM=LlamaForCausalLM, ids=ids, labels=ids.clone(),
+              GPT2Config=GPT2Config, GPT2LMHeadModel=GPT2LMHeadModel, DynamicCache=DynamicCache,
+              opt_model=OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                                 num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)),
               gpt2=GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)),
               split_model=mplib.split.split(llama, ["cpu", "cpu"]),
               tokenizer_batch={"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
