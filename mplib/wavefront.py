@@ -36,7 +36,9 @@ class WavefrontSchedule(Schedule):
 
     Example:
         s = wavefront(devices=2, time_chunks=4, chunks=2)
-        print(s); s.cell(5)                   # render's table; cell 5 is (micro-batch 1, chunk 1)
+        print(s)                              # render's table
+        s.cell(5)                             # (1, 1)
+        # cell 5 is micro-batch 1, time chunk 1
     """
 
     time_chunks: int  # T
@@ -106,7 +108,8 @@ def wavefront(devices: int, time_chunks: int, chunks: int = 1, bidirectional: bo
 
     Example:
         s = wavefront(devices=4, time_chunks=8)
-        max(e for _, e in action_times(s, lambda j: 1, lambda j: 0, lambda c: 0).values())   # 11 = 4 + 8 - 1
+        # one step per forward, free backwards and links: the last forward ends at step 4 + 8 - 1
+        max(e for _, e in action_times(s, lambda j: 1, lambda j: 0, lambda c: 0).values())   # 11
     """
     _check_positive(devices=devices)
     placement = ([0] if bidirectional else []) + list(range(devices))
@@ -123,7 +126,8 @@ def steps(devices: int, time_chunks: int, chunks: int = 1, bidirectional: bool =
     a training step takes steps * (f + b): the backward is the forward's mirror image (see the tests).
 
     Example:
-        steps(2, 8)   # 9, against 2 * 8 = 16 for the naive layer split (time_chunks=1 of 8-times-longer chunks)
+        steps(2, 8)   # 9
+        # against 2 * 8 = 16 for the naive layer split (time_chunks=1 of 8-times-longer chunks)
     """
     _check_positive(devices=devices, time_chunks=time_chunks, chunks=chunks)
     return devices - 1 + chunks * time_chunks * (2 if bidirectional else 1)
@@ -215,7 +219,9 @@ class Wavefront(nn.Module):
         """Inference without a graph: the output (B, T, ...) and the final state of every recurrent layer.
 
         Example:
-            out, states = wf(x)          # equal to StackedRNN's out, states
+            out, states = wf(x)
+            torch.allclose(out, stack(x)[0], atol=1e-6)   # True
+            # the unsplit StackedRNN's output
         """
         with torch.no_grad():
             return self._run(x, None, train=False)

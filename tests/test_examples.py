@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import mplib
+import mplib.wavefront
 
 matplotlib.use("Agg")
 
@@ -36,6 +37,8 @@ MODULES = [
     "mplib.tensor_parallel.group", "mplib.tensor_parallel.layers", "mplib.tensor_parallel.local",
     "mplib.tensor_parallel.parallelize", "mplib.tensor_parallel.predict", "mplib.tensor_parallel.trace",
     "mplib.pipeline", "mplib.split", "mplib._plot_memory", "mplib._runner", "mplib.hf", "mplib._hf_split",
+    "mplib.wavefront", "mplib.speedups", *(f"mplib.speedups.{m}" for m in (
+        "freezing", "memory", "offload", "lowrank", "distill", "pruning", "precision", "harness")),
 ]
 # An example headed "Example (several processes):" needs a process group (torchrun or
 # mplib.distributed.launch); the examples of these modules run inside a LocalGroup's ranks.
@@ -46,9 +49,13 @@ _ERROR = re.compile(r"#\s*([A-Z]\w*(?:Error|Exception))\b")
 
 
 def _examples(module_name: str) -> list[tuple[str, str, str]]:
-    """(qualified name, condition, code) of each public object's example in the module, methods included."""
+    """(qualified name, condition, code) of each public object's example in the module, methods included;
+    the module's own docstring example (a package's __init__) is named "__doc__"."""
     module = importlib.import_module(module_name)
     found, seen = [], set()
+    match = _HEADING.search(inspect.cleandoc(module.__doc__ or ""))
+    if match:
+        found.append(("__doc__", match.group(1) or "", textwrap.dedent(match.group(2)).strip()))
     for name, obj in vars(module).items():
         if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
             continue
@@ -176,8 +183,48 @@ def _module_fixtures(module_name: str, ns: dict) -> None:
         ns["x"].sum().backward()
     if module_name == "mplib._plot_memory":
         ns["est"] = mplib.memory.estimate(mplib.models.gpt.GPT2_XL, batch=8, seq=1024)
+    if module_name == "mplib.wavefront":
+        _wavefront_fixtures(ns)
+    if module_name.startswith("mplib.speedups"):
+        _speedups_fixtures(ns)
     if module_name == "mplib.transfer":
         ns["model_output"] = {"logits": torch.randn(2, 3)}
+
+
+def _wavefront_fixtures(ns: dict) -> None:
+    """A two-layer LSTM stack, its batch and regression targets, and a Wavefront of it over two workers."""
+    from mplib.models.rnn import RNNConfig, StackedLayer, StackedRNN
+    from mplib.schedule import action_times
+
+    torch.manual_seed(0)
+    stack = StackedRNN(RNNConfig(n_embd=8, hidden_size=16, n_layer=2, cell="lstm"))
+    mse = nn.functional.mse_loss
+    ns.update(stack=stack, x=torch.randn(4, 16, 8), y=torch.randn(4, 16, 16), mse=mse, StackedLayer=StackedLayer,
+              StackedRNN=StackedRNN, action_times=action_times,
+              wf=mplib.wavefront.Wavefront(mplib.split.split(stack.layers, ["cpu", "cpu"]), time_chunks=8, loss_fn=mse,
+                           threads_per_worker=1),
+              optimizer=torch.optim.SGD(stack.parameters(), lr=0.1))
+
+
+def _speedups_fixtures(ns: dict) -> None:
+    """A tiny BERT classifier (4 heads, 2 layers) and its labelled batch, a teacher, costs of 10 blocks."""
+    from mplib.models.bert import BERTConfig, BertClassifier
+    from mplib.profile import BlockCosts
+    from mplib.speedups.harness import Result
+
+    torch.manual_seed(0)
+    config = BERTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=32, intermediate_size=64,
+                        dropout=0.0)
+    model, teacher = BertClassifier(config, num_labels=3), BertClassifier(config, num_labels=3)
+    ids, mask, y = torch.randint(1, 128, (4, 16)), torch.ones(4, 16, dtype=torch.bool), torch.tensor([0, 1, 2, 1])
+    f = [1e-3, 2e-3, 2e-3, 2e-3, 2e-3, 2e-3, 2e-3, 2e-3, 2e-3, 3e-3]
+    ns.update(config=config, model=model, teacher=teacher, ids=ids, mask=mask, x=ids, y=y, F=nn.functional,
+              batches=[(ids, mask, y)] * 2, loss_fn=lambda logits, labels: nn.functional.cross_entropy(logits, labels),
+              costs=BlockCosts(forward=f, backward=[2 * t for t in f], param_bytes=[400] + [100] * 8 + [400]),
+              blocks=nn.Sequential(*(nn.Linear(8, 8) for _ in range(10))),
+              optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+              results=[Result("fp32", "inference", 0.010, 40_000, 0.91, "fp32"),
+                       Result("int8", "inference", 0.004, 12_000, 0.90, "fp32", speedup=2.5, memory_ratio=0.3)])
 
 
 def _literal(comment: str):

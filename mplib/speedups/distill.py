@@ -25,7 +25,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     (an unlabelled transfer set). Without labels the loss is the soft term alone.
 
     Example:
-        loss = distillation_loss(student(x), teacher(x).detach(), y, temperature=2.0, alpha=0.5)
+        student = half_depth_student(teacher)
+        loss = distillation_loss(student(ids, mask), teacher(ids, mask).detach(), y, temperature=2.0, alpha=0.5)
     """
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"the student predicts {student_logits.shape[-1]} classes (or tokens) but the teacher "
@@ -56,7 +57,8 @@ def half_depth_student(teacher: nn.Module, keep: list[int] | None = None) -> nn.
     `keep`: which of the teacher's layers to keep (default: 0, 2, 4, ...). Embedding and head are copied.
 
     Example:
-        student = half_depth_student(teacher)     # 2 layers -> 1
+        student = half_depth_student(teacher)
+        len(teacher.layers), len(student.layers)     # (2, 1)
     """
     layers = getattr(teacher, "layers", None) or getattr(teacher, "h", None)
     config = getattr(teacher, "config", None)
@@ -82,7 +84,8 @@ def distill(teacher: nn.Module, student: nn.Module, batches: Iterable[Any], step
     model's inputs. The teacher runs in eval mode without a graph.
 
     Example:
-        history = distill(teacher, half_depth_student(teacher), batches, steps=200, temperature=2.0)
+        batches = [(ids, mask, y)] * 2                # inputs..., labels
+        history = distill(teacher, half_depth_student(teacher), batches, steps=2, temperature=2.0)
     """
     tv, sv = _vocab(teacher), _vocab(student)
     if tv is not None and sv is not None and tv != sv:

@@ -29,7 +29,8 @@ def freeze(model: Any, n: int) -> list[str]:
     Returns the names of the frozen blocks.
 
     Example:
-        freeze(model, 2)    # ['embed', 'layers.0']: autograd now stops at layers.1
+        freeze(model, 2)    # ['embed', 'layers.0']
+        # autograd now stops at layers.1
     """
     parts = mplib.layers.blocks(model)
     _check_n(n, len(parts), parts.names)
@@ -88,7 +89,7 @@ def replan(costs: BlockCosts, n: int, devices: int | Sequence[Any], **options: A
     Lighter stages get more blocks: the frozen prefix costs only its forward.
 
     Example:
-        plan = replan(costs, n=5, devices=["cpu", "cpu"], chunks=4)
+        plan = replan(costs, n=5, devices=["cpu", "cpu"], chunks=4)   # costs of the 10 `blocks`
         pipe = Pipeline(split(blocks, plan.devices, plan), chunks=4, schedule="1f1b")
     """
     return mplib.partition.optimal(frozen_costs(costs, n, options.pop("input_grad_share", INPUT_GRAD_SHARE)),
@@ -101,7 +102,8 @@ class FreezeSchedule:
 
     Example:
         s = FreezeSchedule.linear(blocks=10, steps=1000, start=0.5)
-        s.frozen(0), s.frozen(999)     # 0, 9: the last block always trains
+        s.frozen(0), s.frozen(999)     # (0, 9)
+        # the last block always trains
     """
 
     milestones: list[tuple[int, int]] = field(default_factory=list)
@@ -165,9 +167,11 @@ class BackwardCounter:
     count stays 0: proof that no backward ran there.
 
     Example:
+        freeze(model, 2)
         with BackwardCounter(model) as counter:
             model(ids, mask).sum().backward()
-        counter.counts    # [0, 0, 31, 9] with the first two blocks frozen
+        counter.counts[:2]    # [0, 0]
+        # the frozen embedding and layers.0 ran no backward; layers.1 and the head did
     """
 
     def __init__(self, model: Any) -> None:

@@ -38,9 +38,10 @@ class Harness:
     """Register techniques, `run()` them side by side, then `table()` and `plot()`.
 
     Example:
-        h = Harness(repeats=5)
-        h.inference("fp32", model, (ids, mask), quality=acc(model))
-        h.inference("int8", quantize_dynamic(model), (ids, mask), quality=acc(q), baseline="fp32")
+        h = Harness(repeats=3)
+        # quality: each model's test accuracy, measured beforehand
+        h.inference("fp32", model, (ids, mask), quality=0.91)
+        h.inference("int8", mplib.speedups.quantize_dynamic(model), (ids, mask), quality=0.90, baseline="fp32")
         print(table(h.run()))
     """
 
@@ -102,6 +103,8 @@ def table(results: Sequence[Result], quality: str = "accuracy") -> str:
     """A text table: time, speed-up, memory, memory ratio and quality (and its change) per technique.
 
     Example:
+        results = [Result("fp32", "inference", 0.010, 40_000, 0.91, "fp32"),
+                   Result("int8", "inference", 0.004, 12_000, 0.90, "fp32", speedup=2.5, memory_ratio=0.3)]
         print(table(results))
     """
     by_name = {r.name: r for r in results}
@@ -119,7 +122,7 @@ def plot(results: Sequence[Result], ax: Any = None, quality: str = "test accurac
     """Speed x memory x quality: speed-up (x, log) against quality (y); a marker's area is its memory ratio.
 
     Example:
-        plot(results); plt.show()
+        plot(results); plt.show()      # results: Harness.run()'s, as in `table`
     """
     import matplotlib.pyplot as plt
 

@@ -32,7 +32,8 @@ def rank_for_energy(singular_values: Tensor, energy: float) -> int:
     """The smallest r whose top-r singular values keep `energy` of sum(S^2).
 
     Example:
-        rank_for_energy(torch.tensor([3.0, 1.0]), 0.9)   # 1: 9 of 10 is kept
+        rank_for_energy(torch.tensor([3.0, 1.0]), 0.9)   # 1
+        # the top value keeps 9 of sum(S^2) = 10
     """
     if not 0 < energy <= 1:
         raise ValueError(f"energy is the share of sum(S^2) to keep, in (0, 1], got {energy}")
@@ -45,8 +46,9 @@ def factorize(linear: nn.Linear, rank: int | None = None, energy: float = 0.9) -
     """`linear` as a LowRankLinear of `rank`, or of the rank that keeps `energy` (when rank is None).
 
     Example:
-        low = factorize(layer.fc, energy=0.95)
-        low.rank, sum(p.numel() for p in low.parameters())
+        low = factorize(nn.Linear(64, 32), rank=8)
+        low.rank, sum(p.numel() for p in low.parameters())   # (8, 800)
+        # 64 * 8 + 8 * 32 + 32 (bias) parameters, against 64 * 32 + 32 = 2080
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"factorize takes an nn.Linear, got {type(linear).__name__}")

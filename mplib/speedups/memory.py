@@ -28,7 +28,7 @@ class OffloadEstimate:
     recomputes its largest checkpointed block during backward.
 
     Example:
-        est = estimate(model, batch=8, seq=128, checkpoint=True)
+        est = estimate(model, batch=8, seq=16, checkpoint=True)
         est.device.activations, est.recompute, est.host
     """
 
@@ -57,8 +57,8 @@ def estimate(model: Any, batch: int, seq: int, dtype: torch.dtype = torch.float3
     `GPTConfig` / `BERTConfig` (built on the meta device: nothing is allocated).
 
     Example:
-        plain = mplib.memory.estimate(model, 8, 128)
-        est = estimate(model, 8, 128, checkpoint=True)
+        plain = mplib.memory.estimate(model, 8, 16)
+        est = estimate(model, 8, 16, checkpoint=True)
         plain.activations - est.device.activations     # what checkpointing saves
     """
     model = _module(model)

@@ -27,8 +27,9 @@ def checkpoint(model: Any, blocks: Sequence[int] | None = None) -> list[str]:
     and the last, the embedding and head of mplib models). Returns the wrapped blocks' names.
 
     Example:
-        checkpoint(model)                   # every layer of a BERT
-        loss = lm_loss(model(x), y); loss.backward()   # gradients as before, activations / n_layer
+        checkpoint(model)                   # ['layers.0', 'layers.1']
+        # every layer of a BERT: gradients as before, saved activations / n_layer
+        loss = F.cross_entropy(model(ids, mask), y); loss.backward()
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
                                                                              apply_activation_checkpointing,
@@ -86,8 +87,8 @@ class OffloadActivations(saved_tensors_hooks):
 
     Example:
         with OffloadActivations(exclude=model) as off:
-            loss = loss_fn(model(x), y)
-        loss.backward(); off.host_bytes     # what would have stayed on the GPU
+            loss = F.cross_entropy(model(ids, mask), y)
+        loss.backward(); off.host_bytes     # the bytes that would have left the GPU
     """
 
     def __init__(self, exclude: Any = (), host: str | torch.device = "cpu", min_bytes: int = 0) -> None:
@@ -144,7 +145,7 @@ class OffloadedOptimizer:
 
     Example:
         opt = OffloadedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
-        loss.backward(); opt.step(); opt.zero_grad()
+        F.cross_entropy(model(ids, mask), y).backward(); opt.step(); opt.zero_grad()
     """
 
     def __init__(self, params: Iterable[nn.Parameter], optimizer_cls: Callable[..., torch.optim.Optimizer]

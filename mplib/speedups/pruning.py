@@ -57,7 +57,7 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Sequence[int]]) -> dict[in
     Returns the heads each changed layer keeps (original indices).
 
     Example:
-        prune_heads(model, {0: [1, 3], 1: [0]})
+        prune_heads(model, {0: [1, 3], 1: [0]})   # {0: [0, 2], 1: [1, 2, 3]}
     """
     layers = getattr(model, "layers", None)
     if layers is None or not all(hasattr(layer, "attn") for layer in layers):
@@ -108,7 +108,8 @@ def magnitude_prune(model: nn.Module, amount: float, global_: bool = False, perm
     `permanent` folds the mask into the weight (`prune.remove`). Returns each layer's zero share.
 
     Example:
-        magnitude_prune(model, 0.5)      # {'layers.0.attn.query': 0.5, ...}
+        magnitude_prune(model, 0.5)["layers.0.attn.query"]      # 0.5
+        # every Linear's share of zeros, by name
     """
     if not 0 <= amount < 1:
         raise ValueError(f"amount is the share of weights to zero, in [0, 1), got {amount}")
