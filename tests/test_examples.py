@@ -10,6 +10,7 @@ are not checked. A line `stmt  # SomeError: ...` must raise SomeError.
 from __future__ import annotations
 
 import ast
+import builtins
 import dataclasses
 import importlib
 import inspect
@@ -39,6 +40,8 @@ MODULES = [
     "mplib.pipeline", "mplib.split", "mplib._plot_memory", "mplib._runner", "mplib.hf", "mplib._hf_split",
     "mplib.wavefront", "mplib.speedups", *(f"mplib.speedups.{m}" for m in (
         "freezing", "memory", "offload", "lowrank", "distill", "pruning", "precision", "harness")),
+    "mplib.distributed", *(f"mplib.distributed.{m}" for m in (
+        "launch", "mesh", "checks", "schedules", "stages", "pipeline", "checkpoint", "clock", "weighting")),
 ]
 # An example headed "Example (several processes):" needs a process group (torchrun or
 # mplib.distributed.launch); the examples of these modules run inside a LocalGroup's ranks.
@@ -187,6 +190,14 @@ def _module_fixtures(module_name: str, ns: dict) -> None:
         _wavefront_fixtures(ns)
     if module_name.startswith("mplib.speedups"):
         _speedups_fixtures(ns)
+    if module_name == "mplib.distributed.checkpoint":  # what save(pipe, "ckpt/step-100") wrote, from one process
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(ns["GPT"](ns["GPT_TINY"]).state_dict(), checkpoint_id="ckpt/step-100", no_dist=True)
     if module_name == "mplib.transfer":
         ns["model_output"] = {"logits": torch.randn(2, 3)}
 
@@ -266,7 +277,7 @@ def _run(code: str, ns: dict) -> None:
         error = _ERROR.match("#" + comment)
         src = ast.get_source_segment(code, node)
         if error:
-            with pytest.raises(getattr(__builtins__, error.group(1), None) or Exception):
+            with pytest.raises(ns.get(error.group(1)) or getattr(builtins, error.group(1))):  # the error named
                 exec(compile(src, "<example>", "exec"), ns)
             continue
         stated = _literal(comment) if isinstance(node, ast.Expr) and comment else None
@@ -300,6 +311,14 @@ def test_example_runs(module_name: str, qualname: str, code: str, tmp_path, monk
 def test_every_listed_module_has_examples() -> None:
     """The collector finds the examples (a broken pattern would make every case vanish)."""
     counts = {m: len(_examples(m)) for m in MODULES}
-    assert [q for m in MODULES for q, cond, _ in _examples(m) if cond] == ["DistGroup"]  # the one that cannot run here
+    assert [f"{m}.{q}" for m in MODULES for q, cond, _ in _examples(m) if cond] == [  # those that cannot run here
+        "mplib.tensor_parallel.group.DistGroup", "mplib.distributed.__doc__", "mplib.distributed.launch.launch",
+        "mplib.distributed.launch.init", "mplib.distributed.mesh.mesh", "mplib.distributed.mesh.subgroup",
+        "mplib.distributed.checks.agree", "mplib.distributed.stages.stages",
+        "mplib.distributed.pipeline.DistributedPipeline", "mplib.distributed.pipeline.DistributedPipeline.step",
+        "mplib.distributed.pipeline.DistributedPipeline.gather_timeline", "mplib.distributed.checkpoint.state_dict",
+        "mplib.distributed.checkpoint.save", "mplib.distributed.checkpoint.load", "mplib.distributed.clock.offset",
+        "mplib.distributed.clock.common_start"]
+    assert {cond for m in MODULES for _, cond, _ in _examples(m)} == {"", SEVERAL_PROCESSES}
     assert all(counts.values()), counts
     assert sum(counts.values()) >= 60

@@ -10,7 +10,8 @@
     clock.py        one clock for every rank's timeline (exact on one machine, a round trip's error across)
     checkpoint.py   torch.distributed.checkpoint under the unsplit model's keys: any layout in, any out
 
-Example (each rank, e.g. under `torchrun --nproc-per-node 2` or `launch(fn, 2)`):
+Example (several processes):
+    # each rank, under `torchrun --nproc-per-node 2` or `launch(fn, 2)`; x, y: a batch (8, 16) of token ids
     pipe = mplib.distributed.DistributedPipeline(GPT(GPT_TINY), [2, 2], loss_fn=lm_loss, chunks=4)
     loss = pipe.step(x, y)              # equals the unsplit model's loss; so do the gradients
 """

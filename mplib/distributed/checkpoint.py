@@ -36,8 +36,9 @@ def _splits(pipe: Any) -> dict[str, Any]:
 def state_dict(pipe: Any) -> dict[str, Tensor]:
     """This rank's tensors under the unsplit model's keys; tensor-parallel slices gathered whole (collective over tp).
 
-    Example:
-        sd = mplib.distributed.state_dict(pipe)     # rank 0 of [2, 2]: embed.*, h.0.*, and head.lm_head.weight (tied)
+    Example (several processes):
+        # pipe: a DistributedPipeline(GPT(GPT_TINY), [2, 2], ...) on 2 ranks
+        sd = mplib.distributed.state_dict(pipe)     # rank 0: embed.*, h.0.*, and head.lm_head.weight (tied)
     """
     splits, out = _splits(pipe), {}
     group = pipe.mesh.groups["tp"]
@@ -55,7 +56,7 @@ def state_dict(pipe: Any) -> dict[str, Tensor]:
 def save(pipe: Any, path: str | Path) -> None:
     """Write every rank's tensors to the folder `path`; every rank calls it.
 
-    Example:
+    Example (several processes):
         mplib.distributed.save(pipe, "ckpt/step-100")
     """
     dcp.save(state_dict(pipe), checkpoint_id=str(path))
@@ -64,7 +65,7 @@ def save(pipe: Any, path: str | Path) -> None:
 def load(pipe: Any, path: str | Path) -> None:
     """Fill this rank's parameters and buffers from a checkpoint saved by any layout; every rank calls it.
 
-    Example:
+    Example (several processes):
         mplib.distributed.load(pipe, "ckpt/step-100")   # saved by 4 stages, loaded by 2
     """
     splits, sd = _splits(pipe), state_dict(pipe)  # whole tensors: views of ours, gathered copies of tp slices

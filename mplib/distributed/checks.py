@@ -20,7 +20,9 @@ def check_balance(balance: Sequence[int], n: int) -> list[int]:
     """The balance as a list of ints, or a ValueError saying the rule, the values and the fix.
 
     Example:
-        check_balance([2, 2], len(mplib.layers.blocks(GPT(GPT_TINY))))   # [2, 2]; [1, 1, 1, 1, 1] raises
+        n = len(mplib.layers.blocks(GPT(GPT_TINY)))   # 4 blocks: embed, h.0, h.1, head
+        check_balance([2, 2], n)                      # [2, 2]
+        check_balance([1, 1, 1, 1, 1], n)             # ValueError: 5 stages need at least 5 blocks
     """
     from mplib.partition import uniform
 
@@ -59,8 +61,9 @@ def fingerprint(blocks: Blocks, settings: dict[str, Any]) -> dict[str, Any]:
 def agree(mine: dict[str, Any], group: Any = None) -> None:
     """Gather every rank's fingerprint; raise the same ValueError on every rank if one differs.
 
-    Example:
-        agree(fingerprint(blocks, settings))   # on every rank of the job, before any stage waits for another
+    Example (several processes):
+        # on every rank of the job, before any stage waits for another
+        agree(fingerprint(mplib.layers.blocks(GPT(GPT_TINY)), {"balance": [2, 2], "chunks": 4}))
     """
     world = dist.get_world_size(group)
     every: list[Any] = [None] * world

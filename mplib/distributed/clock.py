@@ -19,7 +19,7 @@ import torch.distributed as dist
 def offset(clock: Callable[[], float] = time.perf_counter, trips: int = 5) -> float:
     """Seconds to add to this rank's `clock` to read rank 0's; collective over the world.
 
-    Example:
+    Example (several processes):
         rank0_now = time.perf_counter() + mplib.distributed.clock.offset()   # 0.0 on rank 0's machine
     """
     hosts: list = [None] * dist.get_world_size()
@@ -45,7 +45,7 @@ def offset(clock: Callable[[], float] = time.perf_counter, trips: int = 5) -> fl
 def common_start(clock: Callable[[], float] = time.perf_counter) -> float:
     """Rank 0's present moment on this rank's `clock`: every rank's timeline counts from it; collective.
 
-    Example:
+    Example (several processes):
         t0 = common_start()   # then Timeline(lanes, t0=t0) on every rank lines up with rank 0's
     """
     shift = offset(clock)

@@ -42,8 +42,9 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120
     every collective; `threads`: intra-op threads per process (1 suits CPU stand-ins). When a rank
     fails, the others (often stuck in a collective with it) get `grace` seconds, then are stopped.
 
-    Example:
-        results = launch(my_module.step, 2, config, timeout=60)   # [rank 0's result, rank 1's]
+    Example (several processes):
+        # job.py (a module, importable by a fresh process): def step(rank, world, n): return rank * n
+        results = launch(job.step, 2, 10, timeout=60)   # [0, 10]: rank 0's result, then rank 1's
     """
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive int (processes to start), got {nprocs!r}")
@@ -176,7 +177,7 @@ def init(backend: str | None = None, timeout: float = 120.0) -> tuple[int, int]:
     `backend`: "nccl" when this machine has a GPU, else "gloo"; `timeout` bounds the rendezvous and
     every collective. A rendezvous that cannot be reached raises within `timeout` naming the address.
 
-    Example:
+    Example (several processes):
         rank, world = mplib.distributed.init(timeout=60)   # in a script started by torchrun --nproc-per-node 2
     """
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

@@ -61,9 +61,10 @@ class Mesh:
 def mesh(pp: int, dp: int = 1, tp: int = 1, timeout: float = 120.0, device_type: str | None = None) -> Mesh:
     """Make the pp x dp x tp grid over the initialised world; every rank must call it, alike.
 
-    Example:
+    Example (several processes):
         m = mplib.distributed.mesh(pp=2, dp=2, tp=2)     # under launch(fn, 8) or torchrun --nproc-per-node 8
-        m.coords, m.groups["tp"]                        # {'pp': 1, 'dp': 0, 'tp': 1}, a ProcessGroup
+        m.coords                                        # {'pp': 1, 'dp': 0, 'tp': 1} on rank 5
+        m.along("tp"), m.groups["tp"]                   # [4, 5] and their ProcessGroup, on rank 5
     """
     if not dist.is_initialized():
         raise RuntimeError("mesh() needs an initialised torch.distributed process group: run under "
@@ -102,8 +103,10 @@ def subgroup(m: Mesh, axis: str, indices: list[int], timeout: float = 120.0) -> 
     """The group of the ranks at `indices` along `axis` that share this rank's other coordinates
     (None when this rank is not among them). Collective: every rank calls it with the same indices.
 
-    Example:
+    Example (several processes):
+        m = mplib.distributed.mesh(pp=4, dp=2)               # under launch(fn, 8)
         ties = subgroup(m, "pp", [0, m.shape["pp"] - 1])   # the first and last stage of each pipeline
+        # ranks 0 and 6 (replica 0), 1 and 7 (replica 1); None on ranks 2 to 5
     """
     mine, wait = None, datetime.timedelta(seconds=timeout)
     rest = [a for a in AXES if a != axis]

@@ -49,11 +49,14 @@ class DistributedPipeline(nn.Module):
     before the loss) and however ignored labels fall. An HF model's own loss (a dict batch with
     "labels") is not taken here: pass its inputs and labels as (batch, targets) with a `loss_fn`.
 
-    Example:
-        pipe = DistributedPipeline(GPT(GPT_TINY), plan, loss_fn=lm_loss)   # on every rank
+    Example (several processes):
+        # on every rank of launch(fn, 2); x, y: a batch (8, 16) of token ids, the same on every rank
+        torch.manual_seed(0)                   # every rank builds the same model
+        pipe = DistributedPipeline(GPT(GPT_TINY), [2, 2], loss_fn=lm_loss, chunks=4, example=x[:2])
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.1)   # this rank's stage's parameters
         loss = pipe.step(x, y); optimizer.step()    # every rank passes the whole batch
         tokens = DistributedPipeline(GPT(GPT_TINY), [2, 2], loss_fn=lm_loss, chunks=3, items="tokens")
-        loss = tokens.step(x[:10], y[:10].masked_fill(y[:10] == 0, -100))   # mean over counted tokens
+        loss = tokens.step(x, y.masked_fill(y == 0, -100))   # the mean over the tokens not -100
     """
 
     def __init__(self, model: Any, plan: Any, loss_fn: Callable[[Any, Any], Tensor], *, chunks: int | None = None,
@@ -158,8 +161,8 @@ class DistributedPipeline(nn.Module):
         and cuts it into `chunks` micro-batches alike. Returns the loss of the whole batch (the mean
         over its items, as `loss_fn`'s over it) on every rank.
 
-        Example:
-            pipe.zero_grad(); loss = pipe.step(x, y); optimizer.step()
+        Example (several processes):
+            pipe.zero_grad(); loss = pipe.step(x, y); optimizer.step()   # pipe, optimizer: as in the class's
         """
         inputs = _as_tuple(batch)
         rows, sizes = weighting.rows(inputs[0].shape[0], self.mesh.shape["dp"], self.mesh.coords["dp"], self.chunks)
@@ -176,7 +179,7 @@ class DistributedPipeline(nn.Module):
     def gather_timeline(self, dst: int = 0) -> Timeline | None:
         """Every rank's timeline of the last step on `dst` (None on the others), one lane per rank, on one clock.
 
-        Example:
+        Example (several processes):
             tl = pipe.gather_timeline();  mplib.plot.timeline(tl) if tl else None
         """
         tl = self.timeline

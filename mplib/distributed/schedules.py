@@ -38,7 +38,8 @@ def check(name: str, num_stages: int, ranks: int, chunks: int) -> tuple[Any, str
     """(torch class, placement, stages per rank) for a schedule, with mplib's rules checked first.
 
     Example:
-        check("interleaved", 4, 2, 4)   # (ScheduleInterleaved1F1B, "loop", 2)
+        cls, style, per_rank = check("interleaved", 4, 2, 4)
+        cls.__name__, style, per_rank   # ('ScheduleInterleaved1F1B', 'loop', 2)
     """
     key = str(name).lower()
     if key not in SCHEDULES:

@@ -110,7 +110,7 @@ def placement(num_stages: int, ranks: int, style: str = "loop") -> list[int]:
     """The pipeline rank of each stage: "loop" puts stage s on s % ranks; "v" walks there and back.
 
     Example:
-        placement(4, 2, "loop"), placement(4, 2, "v")   # [0, 1, 0, 1], [0, 1, 1, 0]
+        placement(4, 2, "loop"), placement(4, 2, "v")   # ([0, 1, 0, 1], [0, 1, 1, 0])
     """
     if style == "loop":
         return [s % ranks for s in range(num_stages)]
@@ -216,9 +216,12 @@ def stages(model: Any, plan: Any, example: Any, group: Any = None, schedule: str
     model's positional inputs (a tensor or a tuple). Collective: every rank of `group` calls it.
     Tied weights on several ranks are not summed here: `DistributedPipeline` does that.
 
-    Example:
+    Example (several processes):
+        # each of 2 ranks (launch(fn, 2)); ids, y: (8, 16) token ids and targets, the same on both
+        from torch.distributed.pipelining import ScheduleGPipe
         mine = stages(GPT(GPT_TINY), [2, 2], ids[:2])           # rank 0: stage 0, rank 1: stage 1
-        ScheduleGPipe(mine[0], n_microbatches=4, loss_fn=loss).step(ids, target=y)   # torch's own
+        schedule = ScheduleGPipe(mine[0], n_microbatches=4, loss_fn=lm_loss)   # torch's own
+        schedule.step(ids, target=y) if mine[0].is_first else schedule.step(target=y)
     """
     from mplib.distributed.checks import check_balance
     from mplib.distributed.schedules import SCHEDULES

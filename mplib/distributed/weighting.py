@@ -22,7 +22,8 @@ def check_items(items: Any) -> Count | None:
     """The count of a micro-batch's items from its targets (None: its examples), as `mplib.Pipeline` reads `items`.
 
     Example:
-        check_items("tokens")(torch.tensor([[1, -100, 2]]))   # 2: the targets that are not -100
+        check_items("tokens")(torch.tensor([[1, -100, 2]]))   # 2
+        # the targets that are not -100
     """
     if not (items is None or callable(items) or items in ITEMS):
         raise ValueError(f"unknown items {items!r}; use one of {', '.join(ITEMS)}, or a function of a "
@@ -34,7 +35,8 @@ def rows(batch: int, dp: int, replica: int, chunks: int) -> tuple[slice, list[in
     """Replica `replica`'s rows of the batch and the sizes of its `chunks` micro-batches (first ones larger).
 
     Example:
-        rows(10, 2, 1, 2)   # (slice(5, 10), [3, 2])
+        rows(10, 2, 1, 2) == (slice(5, 10), [3, 2])   # True
+        # replica 1 of 2 takes rows 5 to 9, in micro-batches of 3 and 2
     """
     if batch < dp * chunks:
         raise ValueError(f"a batch of {batch} rows cannot give dp={dp} replicas {chunks} micro-batches of at least "
@@ -48,7 +50,8 @@ def pad(t: Tensor, sizes: list[int]) -> Tensor:
     """`t`'s micro-batches (of `sizes` rows) each filled up to the largest with copies of its first row.
 
     Example:
-        pad(torch.arange(5), [3, 2])   # tensor([0, 1, 2, 3, 4, 3]): torch's stages need one shape
+        pad(torch.arange(5), [3, 2])   # [0, 1, 2, 3, 4, 3]
+        # torch's stages receive micro-batches of one shape
     """
     n, index, start = max(sizes), [], 0
     for s in sizes:
@@ -64,7 +67,8 @@ def weights(counts: list[int], sizes: list[int], group: Any = None, device: Any 
     `device`: where the counts are summed (a GPU's for NCCL, which reduces no CPU tensor).
 
     Example:
-        weights([3, 1], [2, 2])   # [0.75, 0.25] on one replica; over `group`, the sum of every replica's
+        weights([3, 1], [2, 2])   # [0.75, 0.25]
+        # on one replica; over `group`, the counts are shares of every replica's sum
     """
     total = torch.tensor([float(sum(counts)), float(sum(sizes))], dtype=torch.float64, device=device)
     if group is not None:
