@@ -22,7 +22,13 @@ from mplib.speedups.precision import model_bytes
 
 @dataclass
 class Result:
-    """One technique measured: seconds per call, bytes, quality, and the same relative to its baseline."""
+    """One technique measured: seconds per call, bytes, quality, and the same relative to its baseline.
+
+    Example:
+        r = Result("int8", "inference", 0.004, 12_000, 0.90, "fp32", speedup=2.5, memory_ratio=0.3)
+        r.speedup                      # 2.5
+        # 2.5 times as fast as "fp32", in 0.3 of its bytes (Harness.run() fills these in)
+    """
 
     name: str
     kind: str  # "inference" or "training"

@@ -13,7 +13,12 @@ from torch import Tensor, nn
 
 
 class LowRankLinear(nn.Module):
-    """y = second(first(x)): `first` maps in -> rank (no bias), `second` rank -> out (the bias)."""
+    """y = second(first(x)): `first` maps in -> rank (no bias), `second` rank -> out (the bias).
+
+    Example:
+        low = LowRankLinear(64, 32, rank=8)
+        low(torch.randn(4, 64)).shape   # (4, 32)
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
@@ -92,5 +97,9 @@ def factorize_model(model: nn.Module, energy: float = 0.9, skip: tuple[str, ...]
 
 
 def parameters(model: Any) -> int:
-    """Parameters of a model, each tensor once."""
+    """Parameters of a model, each tensor once.
+
+    Example:
+        parameters(nn.Linear(64, 32))   # 2080
+    """
     return sum(p.numel() for p in model.parameters())

@@ -18,7 +18,13 @@ from mplib.models.bert import SelfAttention
 
 
 class PrunedSelfAttention(nn.Module):
-    """BERT self-attention with some heads removed: `n_head` heads of `head_size` channels each."""
+    """BERT self-attention with some heads removed: `n_head` heads of `head_size` channels each.
+
+    Example:
+        layer = model.layers[0]                                  # 4 heads of 8 channels
+        layer.attn = PrunedSelfAttention(layer.attn, keep=[0, 2])
+        layer.attn.n_head, layer.attn.query.out_features        # (2, 16)
+    """
 
     def __init__(self, attn: SelfAttention, keep: Sequence[int]) -> None:
         super().__init__()
