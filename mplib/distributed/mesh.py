@@ -30,6 +30,11 @@ class Mesh:
     `device_mesh` is the same grid as a torch `DeviceMesh` (dims "pp", "dp", "tp"), for torch's
     own APIs (DTensor, FSDP); `groups[axis]` is the process group of the ranks that differ from
     this one only along `axis`.
+
+    Example:
+        # what mesh(pp=2, dp=2, tp=2) returns on rank 5 (its groups left out here)
+        m = Mesh(shape={"pp": 2, "dp": 2, "tp": 2}, rank=5, coords={"pp": 1, "dp": 0, "tp": 1}, groups={})
+        m.rank_at(pp=1, dp=1, tp=0), m.along("pp"), m.describe()   # (6, [1, 5], 'rank 5 (pp 1, dp 0, tp 1)')
     """
 
     shape: dict[str, int]

@@ -37,7 +37,12 @@ class _Slot:
 @dataclass(frozen=True)
 class Structure:
     """A nested value with its tensors taken out: tuples, lists, dicts and dataclasses (an HF ModelOutput,
-    mplib.hf's Carry) are walked, other leaves (None, ints, strings) kept as constants."""
+    mplib.hf's Carry) are walked, other leaves (None, ints, strings) kept as constants.
+
+    Example:
+        s, tensors = Structure.of({"hidden": torch.ones(2, 3), "past": None, "n": 3})
+        len(tensors), s.build(tensors)["n"]   # (1, 3)
+    """
 
     template: Any
 
