@@ -164,8 +164,9 @@ def measure_bandwidth(src: str | torch.device, dst: str | torch.device, nbytes: 
     in RAM, not a link: it says how fast a stand-in "transfer" is, nothing about PCIe.
 
     Example:
-        gbs = mplib.hardware.measure_bandwidth("cpu", "cuda:0", pinned=True) / 1e9
-        print(f"{gbs:.1f} GB/s host to device")
+        dst = mplib.env.get_devices(1)[0]                 # cuda:0, or the CPU where there is no GPU
+        gbs = mplib.hardware.measure_bandwidth("cpu", dst, pinned=dst.type == "cuda") / 1e9
+        print(f"{gbs:.1f} GB/s host to {dst}")
     """
     src_dev, dst_dev = mplib.env.check_device(src), mplib.env.check_device(dst)
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:

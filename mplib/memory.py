@@ -79,6 +79,7 @@ def estimate(model_or_config: Any, batch: int, seq: int, dtype: torch.dtype = to
     Token models get (batch, seq) ids; other models need `inputs` (real or meta tensors).
 
     Example:
+        from transformers import GPT2Config
         est = mplib.memory.estimate(GPT2Config(), batch=8, seq=1024, optimizer="adam")
         est.params, est.activations, est.total   # bytes
     """

@@ -42,6 +42,7 @@ MODULES = [
         "freezing", "memory", "offload", "lowrank", "distill", "pruning", "precision", "harness")),
     "mplib.distributed", *(f"mplib.distributed.{m}" for m in (
         "launch", "mesh", "checks", "schedules", "stages", "pipeline", "checkpoint", "clock", "weighting")),
+    "mplib.memory", "mplib.hardware", "mplib.plot", "mplib._plot_plan",
 ]
 # An example headed "Example (several processes):" needs a process group (torchrun or
 # mplib.distributed.launch); the examples of these modules run inside a LocalGroup's ranks.
@@ -184,6 +185,14 @@ def _module_fixtures(module_name: str, ns: dict) -> None:
         ns["vectors"] = torch.randn(3, 8)
         ns["x"] = torch.randn(2, 5, 4, requires_grad=True)
         ns["x"].sum().backward()
+    if module_name in ("mplib.plot", "mplib._plot_plan"):
+        from mplib.partition import evaluate, optimal, uniform
+        from mplib.schedule import build
+        from mplib.simulate import simulate
+
+        ns["even"], ns["best"] = evaluate(ns["costs"], uniform(6, 2), 2, chunks=4), optimal(ns["costs"], 2, chunks=4)
+        ns["tl_uniform"], ns["tl_optimal"] = (simulate(build("1f1b", 2, 4), p.forward, p.backward)
+                                              for p in (ns["even"], ns["best"]))
     if module_name == "mplib._plot_memory":
         ns["est"] = mplib.memory.estimate(mplib.models.gpt.GPT2_XL, batch=8, seq=1024)
     if module_name == "mplib.wavefront":
