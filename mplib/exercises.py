@@ -125,6 +125,11 @@ EXERCISES: dict[str, Exercise] = {
                                "layer four C x C attention projections, C x I and I x C MLP weights, all with "
                                "biases, two layer norms; the head's C x C transform, its norm and the decoder's "
                                "bias (its weight is the word embedding)."),
+    "05.mixed_parts": Exercise("60f58ca8f9ad2b65", "answer (the part that grows, the part that halves) with names "
+                               "from est.gib(): 'params', 'grads', 'optimizer', 'activations'; mixed precision "
+                               "adds fp32 master weights, and only what is stored per token depends on the batch."),
+    "05.kv_cache_mib": Exercise("eab49e75d0f485bd", "keys and values (2) x n_layer x T x n_embd floats of 4 bytes "
+                                "(the heads split n_embd, they do not add to it), in MiB (2**20 bytes)."),
     "06.mixed_bytes": Exercise("4b536d265cf67a5c", "bf16 weight (2) and gradient (2), fp32 master weight (4), "
                                "Adam's m and v in fp32 (4 + 4)."),
     "06.layer_mib": Exercise("df9a59d53365298b", "use the per-layer formula of section 2 (fused attention): "
@@ -133,6 +138,11 @@ EXERCISES: dict[str, Exercise] = {
                                  "model state does not grow with the batch."),
     "06.h100s_gpt3": Exercise("2db57fa447ce76b7", "estimate GPT-3 at batch 1, sequence 2048, then divide its total "
                               "by one H100's memory (80 GiB) and round up; at batch 8 it was 47."),
+    "07.counted_tokens": Exercise("400c2c9b5029e8a9", "answer a tuple of 4: each micro-batch holds 2 rows; a causal "
+                                  "LM shifts its labels by one, so a row counts the labels after its first that "
+                                  "are not -100 (row 1 is padded from 90, row 5 from 40)."),
+    "07.token_share": Exercise("30a9e994ea77547c", "micro-batch 2's counted tokens over the batch's (the sum of "
+                               "the four counts), to two decimals.", 0.01),
     "08.min_chunks": Exercise("3a169c19d4508290", "solve (K - 1) / (M + K - 1) < 0.1 for the smallest whole M."),
     "08.peak_in_flight": Exercise("48141eb331d81700", "answer (GPipe, 1F1B): GPipe runs every forward before the "
                                   "first backward; 1F1B starts backwards after K forwards on stage 0."),

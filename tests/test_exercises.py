@@ -4,14 +4,18 @@ import math
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+import mplib._hf_split
+import mplib._losses
 import mplib.data
 import mplib.hardware
 import mplib.memory
+import mplib.microbatch
 from mplib.exercises import EXERCISES, check, digest, is_right
 from mplib.models.bert import BERT, BERT_BASE, BERTConfig
 from mplib.models.elmo import ELMO_TINY, ELMo, ScalarMix, batch_to_ids
-from mplib.models.gpt import GPT2_MEDIUM, GPT2_SMALL, GPTConfig
+from mplib.models.gpt import GPT, GPT2_MEDIUM, GPT2_SMALL, GPT2_XL, GPTConfig
 from mplib.models.rnn import RNN, CharRNN, RNNConfig
 from mplib.schedule import bubble_fraction, build
 
@@ -65,10 +69,46 @@ def _h100s_for_gpt3():  # notebook 06, exercise 3: by memory alone, batch 1
     return math.ceil(mplib.memory.estimate(gpt3, batch=1, seq=2048).total / mplib.hardware.GPUS["H100 SXM"].memory_bytes)
 
 
+def _mixed_precision_parts():  # notebook 05, exercise 3: (the part that grows, the part a halved batch halves)
+    def gib(**kw):
+        return mplib.memory.estimate(GPT2_XL, seq=1024, optimizer="adam", **kw).gib()
+    fp32, mixed = gib(batch=8), gib(batch=8, dtype=torch.bfloat16, mixed_precision=True)
+    half = gib(batch=4, dtype=torch.bfloat16, mixed_precision=True)
+    parts = ("params", "grads", "optimizer", "activations")
+    grows = [k for k in parts if mixed[k] > fp32[k]]
+    halves = [k for k in parts if math.isclose(half[k], mixed[k] / 2, rel_tol=1e-3)]  # a few fixed bytes aside
+    assert len(grows) == len(halves) == 1, (grows, halves)
+    return grows[0], halves[0]
+
+
+def _kv_cache_mib():  # notebook 05, exercise 4: measured on one layer of GPT-2 XL's width, scaled to 48 layers
+    T = 8
+    layer = GPT(GPTConfig(vocab_size=16, block_size=T, n_layer=1, n_head=GPT2_XL.n_head, n_embd=GPT2_XL.n_embd))
+    with torch.no_grad():
+        _, cache = layer.forward_cached(torch.zeros(1, T, dtype=torch.long), None)
+    per_layer = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in cache)
+    return per_layer * GPT2_XL.n_layer * (1024 // T) / 2**20
+
+
+def _padded_batch_counts():  # notebook 07, exercise 4: counted tokens per micro-batch, and each one's share
+    text = mplib.data.load_text()
+    tok = mplib.data.CharTokenizer.from_text(text)
+    x = torch.tensor(tok.encode(text[: 8 * 128])).view(8, 128)[:, :-1]
+    mask = torch.ones_like(x)
+    mask[1, 90:], mask[5, 40:] = 0, 0
+    labels = x.masked_fill(mask == 0, -100)
+    count = mplib._hf_split.items(LlamaForCausalLM(TINY_LLAMA))  # what Pipeline counts for a causal LM
+    chunks = mplib.microbatch.scatter(labels, chunks=4)
+    counts = [count(c) for c in chunks]
+    return tuple(counts), mplib._losses.shares(counts, [len(c) for c in chunks])
+
+
 def _min_chunks(k=4):
     return next(m for m in range(1, 1000) if bubble_fraction(build("gpipe", k, m)) < 0.10)
 
 
+TINY_LLAMA = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
 TINY_BERT = BERTConfig(vocab_size=1000, block_size=32, n_layer=2, n_head=4, n_embd=64, intermediate_size=256)
 
 # name -> (a function computing the right answer, a wrong answer a reader might give)
@@ -84,11 +124,15 @@ ANSWERS = {
     "03.top_weight": (_top_mix_weight, 1 / 3),
     "04.attention_mib": (lambda: 8 * BERT_BASE.n_head * 512 * 512 * 4 / 2**20, 8),
     "04.tiny_params": (lambda: BERT(TINY_BERT).num_parameters(), 100_000),
+    "05.mixed_parts": (_mixed_precision_parts, ("optimizer", "params")),
+    "05.kv_cache_mib": (_kv_cache_mib, 300),
     "06.mixed_bytes": (_mixed_bytes_per_param, 12),
     "06.layer_mib": (lambda: mplib.memory.estimate(GPT2_MEDIUM, batch=8, seq=1024).per_block[1].activations / 2**20,
                      8 * 1024 * 1024 * 4 * 16 / 2**20),
     "06.largest_batch": (_largest_batch, 8),
     "06.h100s_gpt3": (_h100s_for_gpt3, 47),
+    "07.counted_tokens": (lambda: _padded_batch_counts()[0], (216, 253, 166, 253)),
+    "07.token_share": (lambda: _padded_batch_counts()[1][2], 0.25),
     "08.min_chunks": (_min_chunks, 27),
     "08.peak_in_flight": (lambda: (build("gpipe", 4, 8).peak_in_flight()[0], build("1f1b", 4, 8).peak_in_flight()[0]),
                           (4, 8)),
