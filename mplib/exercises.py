@@ -67,7 +67,7 @@ def is_right(name: str, answer: Answer, step: float = 1.0) -> bool:
     exercise kept in the notebook itself (then `step` is the one it was made with).
 
     Example:
-        is_right("01.rnn_params", 6272)
+        is_right("01.rnn_params", 6272)   # True
     """
     ex, salt = _lookup(name, step)
     return any(hashlib.sha256(f"{salt}:{f}".encode()).hexdigest()[:16] == ex.digest

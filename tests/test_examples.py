@@ -42,7 +42,7 @@ MODULES = [
         "freezing", "memory", "offload", "lowrank", "distill", "pruning", "precision", "harness")),
     "mplib.distributed", *(f"mplib.distributed.{m}" for m in (
         "launch", "mesh", "checks", "schedules", "stages", "pipeline", "checkpoint", "clock", "weighting")),
-    "mplib.memory", "mplib.hardware", "mplib.plot", "mplib._plot_plan",
+    "mplib.memory", "mplib.hardware", "mplib.plot", "mplib._plot_plan", "mplib.exercises",
 ]
 # An example headed "Example (several processes):" needs a process group (torchrun or
 # mplib.distributed.launch); the examples of these modules run inside a LocalGroup's ranks.
