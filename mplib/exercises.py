@@ -149,4 +149,12 @@ EXERCISES: dict[str, Exercise] = {
     "09.peak_in_flight": Exercise("4c6c889c20309786", "answer (GPipe, 1F1B) for K = 2, M = 4 on device 0: "
                                   "compare build('gpipe', 2, 4).peak_in_flight() with 1F1B's."),
     "09.textbook": Exercise("3c8cc85b7623de27", "(M - 1) x the slowest stage + the sum of all stages, M = 4.", 0.1),
+    "10.tp_bytes": Exercise("8992b7e6e59c2c20", "count the all-reduces of one layer (section 3, forward and backward); a "
+                            "ring all-reduce sends 2 (T-1)/T of its tensor per rank, and the tensor is B x S x C x 2 "
+                            "bytes."),
+    "13.frozen_by_99": Exercise("19e83c645779c636", "blocks 0 to 8 freeze evenly spaced between step 50 and step 100; "
+                                "count those at or before 99."),
+    "15.gnmt_step": Exercise("b0a52bed3cb533c8", "device 0 runs both halves of the bidirectional layer, the right-to-left "
+                             "one first (section 8); count the forward's cell-steps, then add the backward, the "
+                             "forward's mirror image at twice the cost."),
 }

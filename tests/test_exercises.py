@@ -18,6 +18,10 @@ from mplib.models.elmo import ELMO_TINY, ELMo, ScalarMix, batch_to_ids
 from mplib.models.gpt import GPT, GPT2_MEDIUM, GPT2_SMALL, GPT2_XL, GPTConfig
 from mplib.models.rnn import RNN, CharRNN, RNNConfig
 from mplib.schedule import bubble_fraction, build
+from mplib.simulate import simulate
+from mplib.speedups import FreezeSchedule
+from mplib.tensor_parallel import layer_collectives
+from mplib.wavefront import wavefront
 
 
 def _n(module):
@@ -139,6 +143,12 @@ ANSWERS = {
     "09.peak_in_flight": (lambda: (build("gpipe", 2, 4).peak_in_flight()[0], build("1f1b", 2, 4).peak_in_flight()[0]),
                           (2, 4)),
     "09.textbook": (lambda: (4 - 1) * max(3.0, 5.0) + (3.0 + 5.0), 20.0),
+    # 4 all-reduces per layer and step, each sending 2 (T-1)/T of the (B, S, C) fp16 activation per rank
+    "10.tp_bytes": (lambda: sum(c.wire_bytes for c in layer_collectives(8, 1024, 4096, 8, dtype_bytes=2)),
+                    4 * 8 * 1024 * 4096 * 2),
+    "13.frozen_by_99": (lambda: FreezeSchedule.linear(blocks=10, steps=100, start=0.5).frozen(99), 8),
+    # GNMT's encoder: 8 layers on 8 devices, the bottom one bidirectional, T=10 chunks, backward = 2 x forward
+    "15.gnmt_step": (lambda: simulate(wavefront(8, 10, bidirectional=True), [1] * 9, [2] * 9).duration, (8 + 10 - 1) * 3),
 }
 
 
