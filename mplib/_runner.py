@@ -92,11 +92,7 @@ class Runner:
         self.mbs, self.loss, self.outputs, self.params = [], None, {}, []
 
     def _work(self, w: int) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        if self.devices[w].type == "cuda":
-            torch.cuda.set_device(self.devices[w])
-        torch.set_grad_enabled(self.train)
+        enter_worker(self.threads, self.devices[w], self.train)
         for a in self.schedule.actions[w]:
             if self.box.error is not None:
                 return  # another stage failed: stop at once, the caller raises its error
@@ -207,6 +203,15 @@ class Runner:
             span = self.recomputes[j][-1]
             span[1] = self.timeline.now()
             self.timeline.add(ctx[0], "recompute", span[0], span[1], stage=j, microbatch=ctx[1], label=f"R{ctx[1]}")
+
+
+def enter_worker(threads: int | None, device: torch.device, train: bool) -> None:
+    """A worker thread's settings for one step: its intra-op threads, its GPU, and whether autograd records."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_grad_enabled(train)
 
 
 def microbatch_seed(step_seed: int, stage: int, microbatch: int) -> int:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mplib._losses import fresh_leaf
 from mplib._mailbox import Failure, Mailbox, _Aborted, consumers
-from mplib._runner import _has_dropout, microbatch_seed
+from mplib._runner import _has_dropout, enter_worker, microbatch_seed
 from mplib.microbatch import _leaves, batch_size, chunk_sizes, gather, scatter
 from mplib.schedule import Action
 from mplib.models.rnn import StackedLayer
@@ -187,11 +187,7 @@ class Step:
         self.mbs, self.targets, self.outs, self.final, self.seeds = [], None, {}, {}, {}
 
     def _work(self, w: int) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        if self.devices[w].type == "cuda":
-            torch.cuda.set_device(self.devices[w])
-        torch.set_grad_enabled(self.train)
+        enter_worker(self.threads, self.devices[w], self.train)
         for a in self.schedule.actions[w]:
             if self.box.error is not None:
                 return
