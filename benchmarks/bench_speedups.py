@@ -6,10 +6,11 @@ ratios. Speed on a BERT-base-wide encoder (width 768, 12 heads, random weights: 
 on them); the pipeline rows on a narrower, deeper BERT over 2 CPU stand-in devices (one intra-op
 thread each, as every row runs); accuracy on the course's pre-trained tiny BERT fine-tuned on the noun-category task.
 
-    .venv/bin/python benchmarks/bench_speedups.py               # about 2 min on a quiet 2-core machine
+    .venv/bin/python benchmarks/bench_speedups.py               # about 20 s on a quiet 2-core machine
     .venv/bin/python benchmarks/bench_speedups.py --repeats 3 --no-quality   # a quick look
 
-On a machine with a GPU it also times a bf16 autocast training step against fp32 there.
+The int8 speed-up depends on the CPU's int8 dot-product instructions (VNNI); the header says whether
+this one has them. On a machine with a GPU it also times a bf16 autocast training step against fp32 there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mplib  # noqa: E402
 import mplib.data  # noqa: E402
+import mplib.env  # noqa: E402
 import mplib.memory  # noqa: E402
 import mplib.partition  # noqa: E402
 import mplib.profile  # noqa: E402
@@ -180,7 +182,7 @@ def main() -> None:
     # (process-wide) thread count to 1 anyway, so every row runs under the same setting
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, quantized engine "
-          f"{torch.backends.quantized.engine}")
+          f"{torch.backends.quantized.engine}; CPU {mplib.env.cpu()}")
     h = sp.Harness(repeats=args.repeats, warmup=1)
     info = add_inference(h, args)
     info.update(add_pipeline(h, args))

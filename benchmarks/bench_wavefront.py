@@ -1,7 +1,10 @@
 """The RNN wavefront against the naive layer split on 2 CPU stand-in devices, and the simulator's prediction.
 
 A 2-layer LSTM wide enough that compute dominates, one layer per stand-in device, one intra-op thread
-each (a stand-in is one core). One step is forward and backward of one batch (gradients only). Per
+each (a stand-in is one core). Width 256 keeps a layer's recurrent weights (4 x 256 x 256 floats, 1 MiB)
+inside one core's L2 cache, so the two workers do not both stream their weights from the shared L3 at
+every time step; batch 128 keeps each chunk's products large against the per-chunk hand-over. At width
+512 (4 MiB per weight matrix) two workers at once run each other 10-20% slower on a 2-core machine. One step is forward and backward of one batch (gradients only). Per
 repeat, side by side: the naive split (`mplib.split`: layer 1 waits for layer 0 over the whole
 sequence), the wavefront (`mplib.wavefront.Wavefront`, the sequence cut into T time chunks), and the
 step `mplib.simulate` predicts for the wavefront from: the naive run's per-layer times divided by T;
@@ -30,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mplib.env import cpu  # noqa: E402
 from mplib.models.rnn import RNNConfig, StackedRNN  # noqa: E402
 from mplib.profile import measure  # noqa: E402
 from mplib.simulate import simulate  # noqa: E402
@@ -47,8 +51,12 @@ def clock(fn) -> float:
     return time.perf_counter() - t0
 
 
-def two_at_once(layer: torch.nn.Module, x: torch.Tensor) -> float:
-    """Time of two copies of one layer's forward+backward on two threads at once, over one of them alone."""
+def two_at_once(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Time of two copies of one layer's forward+backward on two threads at once, over one of them alone.
+
+    Both sides run on fresh threads (a fresh thread is slower than the warm main thread), after a
+    warm-up of both copies; medians of `repeats`.
+    """
     twins = [layer, copy.deepcopy(layer)]
 
     def work(m: torch.nn.Module) -> None:
@@ -56,16 +64,17 @@ def two_at_once(layer: torch.nn.Module, x: torch.Tensor) -> float:
         m.zero_grad(set_to_none=True)
         m(x).sum().backward()
 
-    alone = clock(lambda: work(twins[0]))
-    threads = [threading.Thread(target=work, args=(m,)) for m in twins]
-
-    def both() -> None:
+    def on_threads(models: list[torch.nn.Module]) -> None:
+        threads = [threading.Thread(target=work, args=(m,)) for m in models]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
 
-    return clock(both) / alone
+    on_threads(twins)  # warm-up
+    alone = statistics.median(clock(lambda: on_threads(twins[:1])) for _ in range(repeats))
+    both = statistics.median(clock(lambda: on_threads(twins)) for _ in range(repeats))
+    return both / alone
 
 
 def per_stage(tl, kind: str) -> list[float]:
@@ -75,8 +84,8 @@ def per_stage(tl, kind: str) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--width", type=int, default=512, help="input and hidden size of both LSTM layers")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--width", type=int, default=256, help="input and hidden size of both LSTM layers")
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--time-chunks", type=int, default=8, help="T, the chunks the sequence is cut into")
     ap.add_argument("--sweep", default="", help="also time these T, e.g. 1,2,4,8,16")
@@ -84,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the naive split computes on one stand-in at a time: one core
     T = args.time_chunks
     sweep = sorted({int(t) for t in args.sweep.split(",") if t} - {T})
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; 2-layer LSTM {args.width} wide, batch "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores ({cpu()}); 2-layer LSTM {args.width} wide, batch "
           f"{args.batch} x {args.seq} steps, T={T}; load average {os.getloadavg()[0]:.1f}")
 
     torch.manual_seed(0)
@@ -126,7 +135,7 @@ def main() -> None:
         costs = measure(layers, x[:, :Lc], ["cpu", "cpu"], repeats=3, loss_fn=mse, targets=y[:, :Lc],
                         threads_per_worker=1)  # each layer on one chunk, beside the other worker's load
         rows["profiled"].append(simulate(wavefront(2, T), costs.forward, costs.backward).duration)
-        rows["two at once"].append(two_at_once(layers[0], x[:, :8 * Lc]))
+        rows["two at once"].append(two_at_once(layers[0], x[:, :4 * Lc]))
         for t in sweep:
             rows[f"T={t}"].append(clock(lambda: wave_step(t)))
         print(f"repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in rows.items() if k != "two at once")

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -48,6 +50,16 @@ def test_describe_names_torch_and_the_gpus(capsys):
     text = env.describe()
     assert torch.__version__ in text and "GPU" in text
     assert text in capsys.readouterr().out
+    assert env.cpu() in text
+
+
+def test_cpu_names_the_vector_instructions_torch_uses():
+    text = env.cpu()
+    assert torch.backends.cpu.get_cpu_capability() in text
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            vnni = any(flag in f.read().split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        assert text.endswith("(VNNI): " + ("yes" if vnni else "no"))
 
 
 @pytest.mark.cuda

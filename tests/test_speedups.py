@@ -430,6 +430,8 @@ def test_harness_times_side_by_side_and_reports_against_the_baseline():
     assert results[0].speedup == 1.0
     text = sp.table(results)
     assert "half" in text and "-0.100" in text
+    unmeasured = sp.Result("int8", "inference", 0.004, 250, float("nan"), "base", speedup=2.0, memory_ratio=0.25)
+    assert sp.table(results + [unmeasured]).splitlines()[-1].split()[-2:] == ["-", "-"]  # no "nan"
     with pytest.raises(ValueError, match="baseline 'nope' is not registered"):
         h.training("x", lambda: None, memory=1, quality=0.0, baseline="nope")
     with pytest.raises(ValueError, match="must be a positive count"):

@@ -9,6 +9,8 @@ or, for inference, the bytes the model stores (`model_bytes`).
 
 from __future__ import annotations
 
+import math
+
 import statistics
 import time
 from dataclasses import dataclass
@@ -108,6 +110,8 @@ class Harness:
 def table(results: Sequence[Result], quality: str = "accuracy") -> str:
     """A text table: time, speed-up, memory, memory ratio and quality (and its change) per technique.
 
+    A quality that was not measured (NaN) shows as "-".
+
     Example:
         results = [Result("fp32", "inference", 0.010, 40_000, 0.91, "fp32"),
                    Result("int8", "inference", 0.004, 12_000, 0.90, "fp32", speedup=2.5, memory_ratio=0.3)]
@@ -119,8 +123,9 @@ def table(results: Sequence[Result], quality: str = "accuracy") -> str:
     rows = [head, "-" * len(head)]
     for r in results:
         dq = r.quality - by_name[r.baseline].quality
+        q, change = ("-", "-") if math.isnan(r.quality) else (f"{r.quality:.3f}", "-" if math.isnan(dq) else f"{dq:+.3f}")
         rows.append(f"{r.name[:25]:<26}{r.kind:<10}{r.seconds * 1e3:>9.2f}{r.speedup:>8.2f}x{r.memory / 1024:>12.1f}"
-                    f"{r.memory_ratio:>8.2f}x{r.quality:>10.3f}{dq:>+8.3f}")
+                    f"{r.memory_ratio:>8.2f}x{q:>10}{change:>8}")
     return "\n".join(rows)
 
 
