@@ -10,7 +10,11 @@ GPT-2-small-shaped stack (12 layers, the 50257-token head), side by side in one 
      (`--profile alone`: each block alone, the way it was profiled before, to compare);
    - predicted step: `mplib.simulate` over the plan's per-stage forward/backward/transfer, 1F1B;
    - measured step: the plan run through `mplib.pipeline.Pipeline` (1F1B, one thread per worker),
-     the plans taking turns round by round; ratios are medians of per-round ratios.
+     the plans taking turns round by round; ratios are medians of per-round ratios;
+   - measured/predicted twice: against the step predicted from the profile the plans were chosen
+     with, and against the step predicted from a fresh profile taken just before each round (the
+     same plans). A shared machine drifts by several percent over a minute; the second compares
+     the schedule model with a measurement made at the same moment, the first adds the drift.
 
 accelerate's `infer_auto_device_map(..., "balanced")` and torchgpipe's `balance_by_time` are
 compared when they are installed (`pip install -e .[bench]`, which `make bench` does); otherwise
@@ -119,20 +123,27 @@ def print_predicted(costs, chunks: int, others: dict) -> None:
             print(f"{k:>3}  {name:<11}{str(plan.balance):<34}{step * 1e3:>9.1f} ms{step / best:>20.2f}x")
 
 
-def measure_steps(base: GPT, found: dict, k: int, chunks: int, batch: torch.Tensor, rounds: int) -> dict:
-    """Per plan, the measured step of each timed round (seconds), the plans taking turns."""
+def measure_steps(base: GPT, found: dict, k: int, chunks: int, batch: torch.Tensor, rounds: int,
+                  reprofile) -> tuple[dict, dict]:
+    """Per plan, the measured step of each timed round and the step predicted from that round's own
+    profile (`reprofile()`, taken just before the round; seconds), the plans taking turns."""
     pipes = {name: Pipeline(split(copy.deepcopy(base), ["cpu"] * k, plan), chunks=chunks, schedule=SCHEDULE,
                             loss_fn=lm_loss, threads_per_worker=1) for name, plan in found.items()}
     x, y = batch[:, :-1], batch[:, 1:]
     times: dict[str, list[float]] = {name: [] for name in pipes}
+    now: dict[str, list[float]] = {name: [] for name in pipes}
     for r in range(rounds + 1):
+        if r > 0:  # round 0 warms up
+            costs = reprofile()
+            for name, plan in found.items():
+                now[name].append(predicted(evaluate(costs, plan.balance, k, schedule=SCHEDULE, chunks=chunks), chunks))
         for name, pipe in pipes.items():  # interleaved: each round times every plan once
             pipe.zero_grad(set_to_none=True)
             start = time.perf_counter()
             pipe.step(x, y)
-            if r > 0:  # round 0 warms up
+            if r > 0:
                 times[name].append(time.perf_counter() - start)
-    return times
+    return times, now
 
 
 def profile(config: GPTConfig, batch: torch.Tensor, k: int, how: str, micro: int):
@@ -178,17 +189,20 @@ def main() -> None:
           f"{'beside K - 1 workers training the model' if args.profile == 'pipeline' else 'each alone'}, "
           f"one thread per worker; medians of {args.rounds} rounds (per-round ratios)")
     print(f"{'K':>3}  {'plan':<11}{'balance':<22}{'predicted':>12}{'measured':>12}{'measured/predicted':>20}"
-          f"{'measured/optimal':>18}")
+          f"{'.../per round':>17}{'measured/optimal':>18}")
     for k in args.ks:
         costs = profile(config, batch, k, args.profile, args.micro)
         found = plans(costs, k, args.chunks, library_balances(config, k, batch[:args.micro, :-1]))
-        times = measure_steps(base, found, k, args.chunks, batch, args.rounds)
+        times, now = measure_steps(base, found, k, args.chunks, batch, args.rounds,
+                                   lambda: profile(config, batch, k, args.profile, args.micro))
         for name, plan in found.items():
             step = predicted(plan, args.chunks)
             over_predicted = statistics.median(t / step for t in times[name])
+            over_now = statistics.median(t / p for t, p in zip(times[name], now[name]))
             over_optimal = statistics.median(t / o for t, o in zip(times[name], times["optimal"]))
             print(f"{k:>3}  {name:<11}{str(plan.balance):<22}{step * 1e3:>9.1f} ms"
-                  f"{statistics.median(times[name]) * 1e3:>9.1f} ms{over_predicted:>19.2f}x{over_optimal:>17.2f}x")
+                  f"{statistics.median(times[name]) * 1e3:>9.1f} ms{over_predicted:>19.2f}x{over_now:>17.2f}x"
+                  f"{over_optimal:>17.2f}x")
         layer = statistics.median(costs.time[1:-1])
         print(f"     (K={k}: the head with its loss costs {costs.time[-1] / layer:.1f} layers, the embedding "
               f"{costs.time[0] / layer:.1f}; {k} stand-ins on {os.cpu_count()} cores)")

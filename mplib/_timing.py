@@ -104,14 +104,22 @@ def _on_worker(threads: int | None, task: Callable[..., None], *args: Any) -> No
 
 def _time_blocks(mods: list[nn.Module], dev: torch.device, sample_input: Any, repeats: int,
                  loss_fn: LossFn | None, targets: Any, load: Load, cols: dict[str, list]) -> None:
-    """Worker 0's task: time each block in turn once the load runs; stop the load when done."""
+    """Worker 0's task: time the blocks once the load runs, in passes; stop the load when done.
+
+    A warm-up pass runs every block once, each fed by the previous block's output (and keeps those
+    inputs); then `repeats` passes each time every block once, and a block's time is its median
+    over the passes. Passes rather than one block's repeats in a row: a slow moment of the machine
+    (another program, the load's big gradient) then slows one run of every block a little instead
+    of every run of one block, which would skew the balance against that block.
+    """
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     for k in _COLUMNS:
         cols[k] = []
     try:
         load.wait_until_running()
+        runs: list[tuple[nn.Module, tuple, Callable[[Any], Tensor] | None]] = []
         x = as_args(sample_input)
-        for b, mod in enumerate(mods):
+        for b, mod in enumerate(mods):  # the warm-up pass: caches, allocators, each block's input
             if load.stopped:
                 return  # interrupted: the caller raises
             mod.to(dev)
@@ -119,39 +127,43 @@ def _time_blocks(mods: list[nn.Module], dev: torch.device, sample_input: Any, re
             finish = None
             if loss_fn is not None and b == len(mods) - 1:
                 tgt = tree_map(lambda t: t.to(dev) if isinstance(t, Tensor) else t, targets)
-                finish = lambda out: loss_fn(out, tgt)  # noqa: E731
-            out, fwd, bwd, act = _time_block(mod, x, repeats, sync, finish)
-            for k, v in zip(_COLUMNS, (fwd, bwd, act, output_bytes(out))):
-                cols[k].append(v)
+                finish = lambda out, tgt=tgt: loss_fn(out, tgt)  # noqa: E731
+            runs.append((mod, x, finish))
+            out, _, _, act = _time_block(mod, x, sync, finish)
+            cols["activation_bytes"].append(act)
+            cols["boundary_bytes"].append(output_bytes(out))
             x = (tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out),)
+        times: list[list[tuple[float, float]]] = [[] for _ in mods]
+        for _ in range(repeats):
+            for b, (mod, args, finish) in enumerate(runs):
+                if load.stopped:
+                    return
+                _, fwd, bwd, _ = _time_block(mod, args, sync, finish)
+                times[b].append((fwd, bwd))
+        cols["forward"] = [statistics.median(f for f, _ in t) for t in times]
+        cols["backward"] = [statistics.median(b for _, b in t) for t in times]
     finally:
         load.stop()
 
 
-def _time_block(mod: nn.Module, args: tuple, repeats: int, sync: Callable[[], None],
+def _time_block(mod: nn.Module, args: tuple, sync: Callable[[], None],
                 finish: Callable[[Any], Tensor] | None = None):
-    """(output, forward s, backward s, saved activation bytes) of one block: medians after a warm-up.
+    """(output, forward s, backward s, saved activation bytes) of one run of a block.
 
     `finish` turns the output into a scalar loss inside the timed forward; backward then starts there.
     """
     own = [*mod.parameters(), *mod.buffers()]
-    fwd, bwd, act = [], [], 0
-    for r in range(repeats + 1):
-        sync()
-        t0 = time.perf_counter()
-        with SavedBytes(exclude=own) as saved:
-            out = mod(*args)
-            loss = finish(out) if finish is not None else None
-        sync()
-        t1 = time.perf_counter()
-        backward(out, loss)
-        sync()
-        t2 = time.perf_counter()
-        if r > 0:  # run 0 warms up caches and allocators
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            act = saved.bytes
-    return out, statistics.median(fwd), statistics.median(bwd), act
+    sync()
+    t0 = time.perf_counter()
+    with SavedBytes(exclude=own) as saved:
+        out = mod(*args)
+        loss = finish(out) if finish is not None else None
+    sync()
+    t1 = time.perf_counter()
+    backward(out, loss)
+    sync()
+    t2 = time.perf_counter()
+    return out, t1 - t0, t2 - t1, saved.bytes
 
 
 def backward(out: Any, loss: Tensor | None) -> None:

@@ -119,7 +119,8 @@ def measure(model: Any, sample_input: Any, devices: Device | Sequence[Device] = 
     its own copy of the whole model on its device, micro-batch after micro-batch, from before the
     first block is timed until the last one is done (why: `mplib._timing.Load`). With
     `loss_fn(output, targets)` the last block is timed with its loss, as the last stage runs it.
-    Times are medians of `repeats` runs after a warm-up. With one device each block runs alone.
+    Times are medians over `repeats` passes, each timing every block once, after a warm-up pass (a
+    slow moment then touches every block alike). With one device each block runs alone.
     Blocks move to `devices[0]`; `.grad`s are kept.
 
     Bytes: activations are the tensors autograd saves for backward (saved_tensors_hooks, per

@@ -188,8 +188,9 @@ def test_the_loss_runs_inside_the_last_block_on_the_timed_worker():
 
     measure(model, torch.randn(3, 8), ["cpu", "cpu"], repeats=2, loss_fn=loss, targets=torch.zeros(3, 8))
     timed = next(r[2] for r in runs if r[1])
-    # each block timed in turn (warm-up + 2 runs); the loss between the last block's forward and its backward
-    assert [r[0] for r in runs if r[2] is timed] == ["F0", "B0"] * 3 + ["F1", "L", "B1"] * 3
+    # passes over all blocks (a warm-up pass + 2 timed ones), not one block's runs in a row; the loss
+    # between the last block's forward and its backward
+    assert [r[0] for r in runs if r[2] is timed] == ["F0", "B0", "F1", "L", "B1"] * 3
     assert any(r[0] == "L" and r[2] is not timed for r in runs)  # the load trains with the loss too
 
 
