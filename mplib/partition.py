@@ -201,7 +201,7 @@ def _plan(self: _Problem, bounds: np.ndarray) -> Plan:
     f, b, t = (x[0] for x in self.search.stage_costs(np.array(bounds)))
     transfer = [float(x) for x in t]
     step = float(self.search.step(np.array(bounds))[0])
-    path = critical_path(self.schedule, f, b, transfer)
+    path = critical_path(self.schedule, f, b, transfer, levels=self.search.levels)
     per_stage = [sum((f[a.stage] if a.kind == "F" else b[a.stage]) for a in path if a.stage == s)
                  for s in range(S)]
     worst = int(np.argmax(per_stage))

@@ -8,7 +8,7 @@ at once; `mplib.partition.optimal` uses it as its oracle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -116,11 +116,12 @@ class _Levels:
     """
 
     levels: list[np.ndarray]
-    preds: np.ndarray  # (N, 3): device predecessor and up to two dependencies (N when absent)
-    cuts: np.ndarray  # (N, 3): the cut each predecessor's edge crosses (-1: none)
+    preds: np.ndarray  # (N, 1 + most deps): device predecessor, then the dependencies (N when absent)
+    cuts: np.ndarray  # same shape: the cut each predecessor's edge crosses (-1: none)
     stage: np.ndarray  # (N,)
     forward: np.ndarray  # (N,) bool
     sink: np.ndarray  # every device's last action
+    order: list = field(default_factory=list, repr=False)  # the actions, node n = order[n]
 
 
 def compile_levels(s: Schedule) -> _Levels:
@@ -128,13 +129,15 @@ def compile_levels(s: Schedule) -> _Levels:
     order = list(walk(s))
     N = len(order)
     index = {a.key: n for n, a in enumerate(order)}
-    preds = np.full((N, 3), N, dtype=np.int64)
-    cuts = np.full((N, 3), -1, dtype=np.int64)
+    deps = [s.deps(a) for a in order]
+    width = 1 + max((len(d) for d in deps), default=0)  # the device's previous action, then the deps
+    preds = np.full((N, width), N, dtype=np.int64)
+    cuts = np.full((N, width), -1, dtype=np.int64)
     depth = np.zeros(N + 1, dtype=np.int64)
     last = [N] * s.num_devices
     for n, a in enumerate(order):
         preds[n, 0] = last[a.device]
-        for k, dep in enumerate(s.deps(a), start=1):
+        for k, dep in enumerate(deps[n], start=1):
             preds[n, k] = index[dep]
             cut = s.crosses(dep, a)
             cuts[n, k] = -1 if cut is None else cut
@@ -143,7 +146,7 @@ def compile_levels(s: Schedule) -> _Levels:
     depth[N] = 0
     levels = [np.flatnonzero(depth[:N] == L) for L in range(1, int(depth[:N].max(initial=0)) + 1)]
     return _Levels(levels, preds, cuts, np.array([a.stage for a in order]),
-                   np.array([a.kind == "F" for a in order]), np.array([x for x in last if x < N]))
+                   np.array([a.kind == "F" for a in order]), np.array([x for x in last if x < N]), order)
 
 
 def step_times(schedule: Schedule | _Levels, forward: np.ndarray, backward: np.ndarray,
@@ -165,18 +168,21 @@ def step_times(schedule: Schedule | _Levels, forward: np.ndarray, backward: np.n
     c = np.concatenate([c, np.zeros((batch, 1))], axis=1)  # column -1: no cut, no delay
     end = np.zeros((batch, N + 1))
     for nodes in lv.levels:
-        p, k = lv.preds[nodes], lv.cuts[nodes]  # (L, 3)
+        p, k = lv.preds[nodes], lv.cuts[nodes]  # (L, width)
         ready = (end[:, p] + c[:, k]).max(axis=2)  # (batch, L)
         end[:, nodes] = ready + cost[:, nodes]
     return end[:, lv.sink].max(axis=1)
 
 
-def critical_path(schedule: Schedule, forward: Costs, backward: Costs, transfer: Costs = ()) -> list[Action]:
+def critical_path(schedule: Schedule, forward: Costs, backward: Costs, transfer: Costs = (),
+                  levels: _Levels | None = None) -> list[Action]:
     """The actions of a longest dependency chain, first to last: what sets the simulated step.
 
     Each action's start is its device's previous action or a dependency (plus the transfer it
-    crosses), whichever ends later; following those back from the last action to end gives the
-    path. Costs as in `simulate`.
+    crosses), whichever ends later (the device's action on a tie, then the first dependency);
+    following those back from the action that ends last (the first in `walk` order on a tie)
+    gives the path. Costs as in `simulate`. `levels`: `compile_levels(schedule)`, when already
+    compiled: the same path, found vectorised.
 
     Example:
         path = critical_path(mplib.schedule.build("1f1b", 2, 4), [1, 1], [2, 3])
@@ -184,6 +190,8 @@ def critical_path(schedule: Schedule, forward: Costs, backward: Costs, transfer:
     """
     f, b = _per_stage(forward, schedule, "forward"), _per_stage(backward, schedule, "backward")
     t = _per_cut(transfer, schedule)
+    if levels is not None:
+        return _critical_nodes(levels, f, b, t)
     end: dict = {}
     came_from: dict = {}
     last: list = [None] * schedule.num_devices
@@ -204,4 +212,25 @@ def critical_path(schedule: Schedule, forward: Costs, backward: Costs, transfer:
         path.append(by_key[key])
         key = came_from[key]
         key = key.key if isinstance(key, Action) else key
+    return path[::-1]
+
+
+def _critical_nodes(lv: _Levels, f: list[float], b: list[float], t: list[float]) -> list[Action]:
+    """`critical_path` over compiled levels: the same max-plus sweep as `step_times`, keeping each
+    node's argmax predecessor (argmax takes the first of equals: the device's action, then the deps)."""
+    N = len(lv.stage)
+    cost = np.where(lv.forward, np.asarray(f)[lv.stage], np.asarray(b)[lv.stage])
+    c = np.concatenate([np.asarray(t, float)[: int(lv.stage.max(initial=0))], [0.0]])  # column -1: no cut
+    end, came = np.zeros(N + 1), np.full(N, N)
+    for nodes in lv.levels:
+        p = lv.preds[nodes]
+        at = end[p] + c[lv.cuts[nodes]]  # (L, width)
+        k = at.argmax(axis=1)
+        ready = at[np.arange(len(nodes)), k]
+        came[nodes] = p[np.arange(len(nodes)), k]  # N: nothing before it
+        end[nodes] = ready + cost[nodes]
+    node, path = int(np.argmax(end[:N])), []
+    while node < N:
+        path.append(lv.order[node])
+        node = int(came[node])
     return path[::-1]

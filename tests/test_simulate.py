@@ -102,3 +102,35 @@ def test_step_times_equals_simulate_for_every_row_with_and_without_transfers():
             want = [simulate(s, list(f[i]), list(b[i]), [] if transfer is None else list(c[i])).duration
                     for i in range(5)]
             assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_critical_path_over_compiled_levels_is_the_same_path():
+    """The vectorised path (what `partition.optimal` uses) equals the action-by-action one, ties
+    included (integer costs make many), for GPipe, 1F1B, interleaved and the wavefront."""
+    import random
+
+    from mplib.simulate import compile_levels, critical_path, step_times
+    from mplib.wavefront import wavefront
+
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(300):
+        kind = rng.choice(["gpipe", "1f1b", "interleaved", "wavefront"])
+        K = rng.randint(1, 4)
+        M = rng.randint(K if kind == "1f1b" else 1, 6)
+        if kind == "wavefront":
+            s = wavefront(K, rng.randint(1, 5), chunks=rng.randint(1, 2))
+        elif kind == "interleaved":
+            s = build(kind, K, K * rng.randint(1, 2), virtual=2)
+        else:
+            s = build(kind, K, M)
+        S, ties = s.num_stages, rng.random() < 0.5
+        draw = (lambda: float(rng.randint(0, 3))) if ties else rng.random
+        f, b = [draw() for _ in range(S)], [draw() for _ in range(S)]
+        t = [draw() for _ in range(S - 1)] if S > 1 and rng.random() < 0.7 else []
+        levels = compile_levels(s)  # a wavefront cell has three dependencies, the others at most two
+        slow, fast = critical_path(s, f, b, t), critical_path(s, f, b, t, levels=levels)
+        assert [a.key for a in fast] == [a.key for a in slow], (kind, K, M, f, b, t)
+        assert step_times(levels, [f], [b], [t] if t else None)[0] == pytest.approx(simulate(s, f, b, t).duration)
+        checked += 1
+    assert checked == 300
