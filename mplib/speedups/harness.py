@@ -10,7 +10,6 @@ or, for inference, the bytes the model stores (`model_bytes`).
 from __future__ import annotations
 
 import math
-
 import statistics
 import time
 from dataclasses import dataclass
@@ -123,7 +122,8 @@ def table(results: Sequence[Result], quality: str = "accuracy") -> str:
     rows = [head, "-" * len(head)]
     for r in results:
         dq = r.quality - by_name[r.baseline].quality
-        q, change = ("-", "-") if math.isnan(r.quality) else (f"{r.quality:.3f}", "-" if math.isnan(dq) else f"{dq:+.3f}")
+        q = "-" if math.isnan(r.quality) else f"{r.quality:.3f}"
+        change = "-" if math.isnan(dq) else f"{dq:+.3f}"
         rows.append(f"{r.name[:25]:<26}{r.kind:<10}{r.seconds * 1e3:>9.2f}{r.speedup:>8.2f}x{r.memory / 1024:>12.1f}"
                     f"{r.memory_ratio:>8.2f}x{q:>10}{change:>8}")
     return "\n".join(rows)
