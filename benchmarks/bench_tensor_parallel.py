@@ -86,8 +86,8 @@ def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gloo_link(rank: int, nbytes: int, repeats: int = 20) -> SimpleNamespace:
-    """Latency and bandwidth of this gloo group, fitted from all-reduces of 4 KiB and `nbytes` (a ring,
-    2 ranks: 2 steps of latency, and the whole tensor on the wire once per direction)."""
+    """Latency and bandwidth of this gloo group, fitted from all-reduces of 4 KiB and `nbytes` (at least
+    64 KiB; a ring, 2 ranks: 2 steps of latency, and the whole tensor on the wire once per direction)."""
     import torch.distributed as dist
 
     def clock(n: int) -> float:
@@ -99,6 +99,7 @@ def gloo_link(rank: int, nbytes: int, repeats: int = 20) -> SimpleNamespace:
             dist.all_reduce(x)
             times.append(time.perf_counter() - t)
         return statistics.median(times)
+    nbytes = max(nbytes, 16 * 4096)  # two sizes well apart, also when a tiny run's activation is under 4 KiB
     small, big = clock(4096), clock(nbytes)
     bandwidth = (nbytes - 4096) / max(big - small, 1e-9)  # wire bytes: 2 (T-1)/T = 1 x the tensor for T=2
     return SimpleNamespace(name="gloo loopback (measured)", bandwidth=bandwidth, latency=max(small, 0.0) / 2)

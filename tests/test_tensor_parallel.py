@@ -346,6 +346,10 @@ def test_simulated_step_is_compute_over_T_plus_ring_collectives():
     assert tp.collective_seconds(coll[0], slow) == pytest.approx(1.0 + 2 * 0.1)
     assert tp.collective_seconds(coll[0], LINKS["NVLink 3 (A100)"]) < tp.collective_seconds(coll[0],
                                                                                              LINKS["PCIe 4.0 x16"])
+    bad_fit, bad_latency = SimpleNamespace(bandwidth=-5e8, latency=0.0), SimpleNamespace(bandwidth=1e9, latency=-1e-6)
+    for bad in (bad_fit, bad_latency):
+        with pytest.raises(ValueError, match="bandwidth > 0 bytes/s and a latency >= 0"):
+            tp.collective_seconds(coll[0], bad)  # a negative time would draw an event that ends before it starts
 
 
 def test_a_tensor_parallel_training_step_equals_the_unsplit_one():

@@ -19,7 +19,11 @@ def link_bandwidth(link: object) -> tuple[float, float]:
     bw = getattr(link, "bandwidth", None)
     if bw is None:
         bw = float(getattr(link, "gbs_per_direction")) * 1e9
-    return float(bw), float(getattr(link, "latency", 0.0) or 0.0)
+    latency = float(getattr(link, "latency", 0.0) or 0.0)
+    if not float(bw) > 0 or not latency >= 0:
+        raise ValueError(f"a link needs a bandwidth > 0 bytes/s and a latency >= 0 s; got {bw!r} and {latency!r} "
+                         f"from {getattr(link, 'name', link)!r}")
+    return float(bw), latency
 
 
 def collective_seconds(c: Collective, link: object) -> float:
