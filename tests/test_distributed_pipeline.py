@@ -5,6 +5,7 @@ rank's timeline follows the schedule, on one clock."""
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -184,3 +185,80 @@ def test_ranks_on_other_machines_find_their_offset_to_rank_0s_clock_within_a_rou
     assert [same for same, _, _ in results] == [0.0, 0.0, 0.0]
     for rank, (_, other, spent) in enumerate(results):
         assert spent > 0 and abs(other - (-10.0 * rank)) <= spent  # within the time all its trips took
+
+
+def bert_classifier():
+    torch.manual_seed(0)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32,
+                                                    max_position_embeddings=16, num_labels=3,
+                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _dict_steps(rank, world, batches):
+    """HF dict batches: the model's own loss (labels in the batch, no loss_fn), and a loss_fn given the labels."""
+    out = []
+    for name, batch, with_loss_fn in batches:
+        m = model("hf-gpt2") if name == "hf-gpt2" else bert_classifier()
+        kw = {"loss_fn": lm_loss, "items": "tokens"} if with_loss_fn else {}  # lm_loss: a mean over tokens not -100
+        pipe = DistributedPipeline(m, [2, 2], chunks=4, schedule="1f1b", **kw)
+        loss = pipe.step(batch)
+        out.append({"loss": loss, "grads": held_grads(m, pipe)})
+    return out
+
+
+def test_an_hf_dict_batch_trains_with_the_models_own_loss_or_a_loss_fn():
+    # 7 rows in 4 micro-batches: the last one is padded, and the padding's labels are -100 for the model's loss
+    ids = torch.randint(0, V, (7, T))
+    mask = padding_mask(ids)
+    labels = ids.masked_fill(mask == 0, -100)
+    lm = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    cls = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 1, 0, 2, 2])}
+    batches = [("hf-gpt2", lm, False), ("hf-gpt2", lm, True), ("bert", cls, False)]
+    results = launch(_dict_steps, 2, batches, timeout=150)
+    for i, (name, batch, with_loss_fn) in enumerate(batches):
+        m = model("hf-gpt2") if name == "hf-gpt2" else bert_classifier()
+        if with_loss_fn:  # the labels are loss_fn's targets, popped from the batch, as mplib.Pipeline does
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = lm_loss(m(**inputs, use_cache=False), batch["labels"])
+        else:
+            loss = m(**batch).loss  # the mean over the shifted labels that are not -100 / over the 7 examples
+        loss.backward()
+        grads, seen = {n: p.grad for n, p in m.named_parameters()}, set()
+        for rank, res in enumerate(results):
+            # fp32 sums in another order than one device's: ~1e-7 (as in the cases above)
+            torch.testing.assert_close(res[i]["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+            for n, g in res[i]["grads"].items():
+                torch.testing.assert_close(g, grads[n], rtol=1e-5, atol=1e-7, msg=lambda e: f"{name} {n}: {e}")
+                seen.add(n)
+        assert seen == {n for n, g in grads.items() if g is not None}, name
+
+
+def _dict_errors(rank, world):
+    """The messages of what a dict batch may not do, on a 2-rank pipeline of HF GPT-2."""
+    ids = torch.randint(0, V, (7, T))
+    said = []
+    own = DistributedPipeline(model("hf-gpt2"), [2, 2], chunks=4)
+    for call in (lambda: own.step(ids, ids),  # targets but no loss_fn
+                 lambda: own.step({"input_ids": ids}),  # no labels, no targets
+                 lambda: own.step({"input_ids": ids, "labels": ids[:3]})):  # labels of another batch size
+        with pytest.raises((ValueError, TypeError)) as e:
+            call()
+        said.append(str(e.value))
+    cls = DistributedPipeline(bert_classifier(), [2, 2], chunks=4)
+    with pytest.raises(ValueError) as e:  # float labels: a padding row could not be ignored
+        cls.step({"input_ids": ids, "labels": torch.rand(7, 3)})
+    said.append(str(e.value))
+    return said
+
+
+def test_a_dict_batch_says_what_is_wrong():
+    with pytest.raises(ValueError, match="only an HF model, given dict batches"):
+        DistributedPipeline(model("gpt"), [2, 2], chunks=4)  # refused before any process group is needed
+    said = launch(_dict_errors, 2, timeout=150)[0]
+    assert "targets go to loss_fn, and this pipeline has none" in said[0]
+    assert "step needs targets" in said[1]
+    assert "labels" in said[2]
+    assert "cannot ignore padding rows" in said[3]

@@ -9,7 +9,7 @@ summed over the data-parallel replicas, so they equal those of the unsplit model
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,11 +19,14 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from mplib.distributed import checks, clock, schedules, weighting
 from mplib.distributed.mesh import Mesh, mesh as make_mesh, subgroup
-from mplib.distributed.stages import TimedStage, build, placement
+from mplib import _hf_split
+from mplib.distributed.stages import Structure, TimedStage, build, placement
+from mplib.hf import IGNORE, is_hf
 from mplib.layers import blocks as blocks_of
+from mplib.pipeline import _model_loss
 from mplib.timeline import Timeline
 
-Batch = Tensor | Sequence[Tensor]  # the model's positional inputs
+Batch = Tensor | Sequence[Tensor] | Mapping[str, Any]  # the model's positional inputs, or an HF model's keyword ones
 
 
 class DistributedPipeline(nn.Module):
@@ -46,8 +49,11 @@ class DistributedPipeline(nn.Module):
     the counted items, also when chunks x dp does not divide the batch (torch's stages receive into
     buffers of one shape, so a smaller micro-batch is padded with copies of its first row, and the
     padding is cut from the last stage's output, every tensor whose dim 0 is the padded size,
-    before the loss) and however ignored labels fall. An HF model's own loss (a dict batch with
-    "labels") is not taken here: pass its inputs and labels as (batch, targets) with a `loss_fn`.
+    before the loss) and however ignored labels fall. An HF model takes a dict batch (its keyword
+    inputs, e.g. a tokenizer's BatchEncoding). With "labels" in it and no `loss_fn`, the model's own
+    loss runs on the last stage, micro-batch by micro-batch, weighted by its counted labels (a
+    causal LM's shifted by one), and padding rows get labels -100 so that the loss ignores them;
+    with a `loss_fn`, the labels are its targets, as in `mplib.Pipeline`.
 
     Example (several processes):
         # on every rank of launch(fn, 2); x, y: a batch (8, 16) of token ids, the same on every rank
@@ -57,14 +63,25 @@ class DistributedPipeline(nn.Module):
         loss = pipe.step(x, y); optimizer.step()    # every rank passes the whole batch
         tokens = DistributedPipeline(GPT(GPT_TINY), [2, 2], loss_fn=lm_loss, chunks=3, items="tokens")
         loss = tokens.step(x, y.masked_fill(y == 0, -100))   # the mean over the tokens not -100
+        hf = DistributedPipeline(GPT2LMHeadModel(config), [2, 2], chunks=4)   # an HF model: its own loss
+        loss = hf.step({"input_ids": x, "attention_mask": mask, "labels": x})
     """
 
-    def __init__(self, model: Any, plan: Any, loss_fn: Callable[[Any, Any], Tensor], *, chunks: int | None = None,
+    def __init__(self, model: Any, plan: Any, loss_fn: Callable[[Any, Any], Tensor] | None = None, *,
+                 chunks: int | None = None,
                  schedule: str | None = None, virtual: int | None = None, dp: int = 1, tp: int = 1,
                  mesh: Mesh | None = None, example: Batch | None = None, device: Any = None,
                  timeout: float = 120.0, items: str | Callable[[Any], int] | None = None) -> None:
         super().__init__()
         self.items, self._count = items, weighting.check_items(items)
+        self._hf = is_hf(model)
+        if loss_fn is None and not self._hf:
+            raise ValueError("DistributedPipeline needs loss_fn(output, targets); only an HF model, given dict batches "
+                             "with 'labels', can use its own loss instead")
+        # the model's own loss: what it is a mean over (a causal LM's labels shifted by one), and a check of
+        # the labels' shape; functions, not the model itself, which would become a submodule of this rank's
+        self._own_items = _hf_split.items(model) if self._hf else None
+        self._check_labels = (lambda call: _hf_split.check_labels(model, call)) if self._hf else None
         blocks = blocks_of(model)
         balance = checks.check_balance(getattr(plan, "balance", plan), len(blocks))
         self.schedule_name = str(schedule or getattr(plan, "schedule", None) or "1f1b").lower()
@@ -111,8 +128,9 @@ class DistributedPipeline(nn.Module):
         self.timeline: Timeline | None = None
         self._schedule: Any = None
         self._shape: list[tuple] | None = None
+        self._call: Structure | None = None  # a dict batch's keys (and constants) around its tensors
         if example is not None:
-            self._build(_as_tuple(example))
+            self._build(*self._flat(example))
 
     # -- building ---------------------------------------------------------------------------------
     def _stage_blocks(self, balance: list[int]) -> None:
@@ -141,40 +159,81 @@ class DistributedPipeline(nn.Module):
     def _stage_of(self, block: int) -> int:
         return next(s for s in range(len(self.balance)) if self.edges[s] <= block < self.edges[s + 1])
 
-    def _build(self, example: tuple[Tensor, ...]) -> None:
+    def _build(self, example: tuple[Tensor, ...], call: Structure | None = None) -> None:
         ranks = self.mesh.along("pp")
         self.stages = build(self.blocks, self.balance, self.pp_rank, ranks, self.mesh.groups["pp"], example,
-                            self.device, self.style)
+                            self.device, self.style, call)
         last = next((st.submod for st in self.stages if st.is_last), None)
-        self._loss = weighting.WeightedLoss(self.loss_fn, last.output_of if last is not None else lambda out: out)
+        self._loss = weighting.WeightedLoss(self.loss_fn or _model_loss,
+                                            last.output_of if last is not None else lambda out: out)
         single = issubclass(self.torch_class, PipelineScheduleSingle)  # takes one stage, not a list
         target = self.stages[0] if single else self.stages
         self._schedule = self.torch_class(target, n_microbatches=self.chunks, loss_fn=self._loss, scale_grads=False)
-        self._shape = [tuple(t.shape) for t in example]
+        self._shape, self._call = [tuple(t.shape) for t in example], call
+
+    def _flat(self, batch: Batch) -> tuple[tuple[Tensor, ...], Structure | None]:
+        """A batch's tensors, and for a dict batch its structure (keys, constants) around them."""
+        if not isinstance(batch, Mapping):
+            return _as_tuple(batch), None
+        if not self._hf:
+            raise TypeError("a dict batch is an HF model's keyword inputs; give this model a tensor or a tuple of "
+                            "its positional inputs")
+        call, tensors = Structure.of(dict(batch))
+        if len({t.shape[0] if t.dim() else None for t in tensors} - {None}) != 1 or any(t.dim() == 0 for t in tensors):
+            shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in dict(batch).items() if isinstance(v, Tensor))
+            raise ValueError(f"every tensor of a dict batch is cut into micro-batches along dim 0, so all need one "
+                             f"batch size; got {shapes}")
+        return tuple(tensors), call
 
     # -- one step ---------------------------------------------------------------------------------
-    def step(self, batch: Batch, targets: Tensor) -> Tensor:
+    def step(self, batch: Batch, targets: Tensor | None = None) -> Tensor:
         """Forward and backward of the whole batch; gradients accumulate in this rank's parameters.
 
         Every rank passes the same whole batch: data-parallel replica i takes the i-th of dp parts
         of its rows (as `mplib.microbatch.chunk_sizes` cuts them, the first ones one row larger)
         and cuts it into `chunks` micro-batches alike. Returns the loss of the whole batch (the mean
-        over its items, as `loss_fn`'s over it) on every rank.
+        over its items, as `loss_fn`'s over it) on every rank. An HF model's dict batch may carry
+        its "labels" instead of `targets` (the class says how they are used).
 
         Example (several processes):
             pipe.zero_grad(); loss = pipe.step(x, y); optimizer.step()   # pipe, optimizer: as in the class's
         """
-        inputs = _as_tuple(batch)
+        batch, targets, own = self._targets(batch, targets)
+        inputs, call = self._flat(batch)
         rows, sizes = weighting.rows(inputs[0].shape[0], self.mesh.shape["dp"], self.mesh.coords["dp"], self.chunks)
-        inputs = tuple(weighting.pad(t[rows].to(self.device), sizes) for t in inputs)  # equal micro-batches
+        labels = batch["labels"] if own else None  # padding rows ignore the model's own loss: labels -100
+        if own and max(sizes) * len(sizes) != sum(sizes) and labels.is_floating_point():
+            raise ValueError(f"micro-batches of {sizes} rows are padded to one shape, and a model's own loss on float "
+                             "labels (regression, multi-label) cannot ignore padding rows; use a batch of a multiple "
+                             f"of {self.chunks * self.mesh.shape['dp']} rows, or pass loss_fn")
+        inputs = tuple(weighting.pad(t[rows].to(self.device), sizes, fill=IGNORE if t is labels else None)
+                       for t in inputs)  # equal micro-batches
         if self._schedule is None:
-            self._build(tuple(t[: max(sizes)] for t in inputs))
+            self._build(tuple(t[: max(sizes)] for t in inputs), call)
         mb = [(max(sizes), *t.shape[1:]) for t in inputs]
-        if mb != self._shape:
-            raise ValueError(f"this step's micro-batches have shapes {mb} but the stages were built for {self._shape}; "
-                             "torch's stages receive into buffers of one shape: keep the batch shape fixed (pad, or "
-                             "build another DistributedPipeline)")
-        return _Step(self, inputs, targets[rows].to(self.device), sizes).run()
+        if mb != self._shape or call != self._call:
+            raise ValueError(f"this step's micro-batches have shapes {mb}{_keys(call)} but the stages were built for "
+                             f"{self._shape}{_keys(self._call)}; torch's stages receive into buffers of one shape: keep "
+                             "the batch's shape and keys fixed (pad, or build another DistributedPipeline)")
+        count = self._count if not own or self.items is not None else self._own_items
+        return _Step(self, inputs, targets[rows].to(self.device), sizes, self.loss_fn or _model_loss, count).run()
+
+    def _targets(self, batch: Batch, targets: Tensor | None) -> tuple[Batch, Tensor, bool]:
+        """(batch, targets, whether the model's own loss runs): a dict batch's labels are the targets when none
+        are given, popped for a loss_fn (as mplib.Pipeline does), kept in the batch for the model's own loss."""
+        labelled = isinstance(batch, Mapping) and "labels" in batch
+        if targets is not None:
+            if self.loss_fn is None:
+                raise ValueError("targets go to loss_fn, and this pipeline has none: pass loss_fn, or give the labels "
+                                 "in the dict batch for the model's own loss")
+            return batch, targets, False
+        if not labelled:
+            raise ValueError("step needs targets: pipe.step(batch, targets), or an HF model's dict batch with 'labels'")
+        batch = dict(batch)  # a BatchEncoding is a Mapping too; the step's own copy
+        if self.loss_fn is not None:
+            return batch, batch.pop("labels"), False
+        self._check_labels(batch)
+        return batch, batch["labels"], True
 
     def gather_timeline(self, dst: int = 0) -> Timeline | None:
         """Every rank's timeline of the last step on `dst` (None on the others), one lane per rank, on one clock.
@@ -206,8 +265,9 @@ class _Step:
     """One step of `pipe`: its timeline and its losses; built by `step`, run once, then dropped."""
 
     def __init__(self, pipe: DistributedPipeline, inputs: tuple[Tensor, ...], targets: Tensor,
-                 sizes: list[int]) -> None:
+                 sizes: list[int], loss_fn: Callable[[Any, Any], Tensor], count: Any) -> None:
         self.pipe, self.inputs, self.targets, self.sizes = pipe, inputs, targets, sizes
+        self.loss_fn, self.count = loss_fn, count
         self.timeline = Timeline(lanes=[pipe.lane_name()], t0=pipe.epoch)
         self.losses: list[Tensor] = []
 
@@ -221,7 +281,8 @@ class _Step:
         first = any(st.is_first for st in pipe.stages)
         last = any(st.is_last for st in pipe.stages)
         if last:  # mplib.Pipeline's weights, over every replica's items; the dp group shares this pp rank
-            pipe._loss.begin(self.targets, self.sizes, pipe._count,
+            pipe._loss.loss_fn = self.loss_fn
+            pipe._loss.begin(self.targets, self.sizes, self.count,
                              pipe.mesh.groups["dp"] if pipe.mesh.shape["dp"] > 1 else None, pipe.device)
         for st in pipe.stages:
             st.recorder = self.record
@@ -277,6 +338,10 @@ def _as_tuple(batch: Batch) -> tuple[Tensor, ...]:
         return tuple(batch)
     raise TypeError(f"a batch is a tensor or a tuple of tensors (the model's positional inputs), got "
                     f"{type(batch).__name__}")
+
+
+def _keys(call: Structure | None) -> str:
+    return f" (keys {sorted(call.template)})" if call is not None else ""
 
 
 def _default_device() -> torch.device:

@@ -95,10 +95,14 @@ class StageModule(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.names, self.index, self.lo = list(names), index, lo
         self.inputs: Structure | None = None  # None: the model's own positional inputs (stage 0)
+        self.call: Structure | None = None  # stage 0 of a dict batch: its keyword inputs around the tensors
         self.outputs: Structure | None = None
 
     def forward(self, *flat: Tensor) -> Tensor | Tensors:
-        x = self.blocks[0](*flat) if self.inputs is None else self.blocks[0](self.inputs.build(flat))
+        if self.inputs is not None:
+            x = self.blocks[0](self.inputs.build(flat))
+        else:
+            x = self.blocks[0](*flat) if self.call is None else self.blocks[0](**self.call.build(flat))
         for block in self.blocks[1:]:
             x = block(x)
         structure, tensors = Structure.of(x)
@@ -161,10 +165,12 @@ class TimedStage(PipelineStage):
 
 
 def build(blocks: Blocks, balance: Sequence[int], pp_rank: int, ranks: list[int], group: Any, example: Tensors,
-          device: torch.device, style: str = "loop") -> list[TimedStage]:
+          device: torch.device, style: str = "loop", call: Structure | None = None) -> list[TimedStage]:
     """The stages of pipeline rank `pp_rank` (global ranks of the pipeline: `ranks`), in stage order.
 
-    Runs `example` (one micro-batch of the model's positional inputs) through the stages once, stage
+    `call`: for a dict batch, its keyword structure around the tensors of `example` (stage 0 calls
+    its first block with those keywords). Runs `example` (one micro-batch of the model's positional
+    inputs, or of the dict's tensors) through the stages once, stage
     after stage across the ranks, so each stage learns the structure and shapes it receives and
     sends: torch's PipelineStage then starts in its static mode, with no inference at the first step.
     """
@@ -185,6 +191,7 @@ def build(blocks: Blocks, balance: Sequence[int], pp_rank: int, ranks: list[int]
             structure, inputs = _recv((None, None), ranks[where[s - 1]], group, device)
         module = modules[s]
         module.inputs = structure
+        module.call = call if s == 0 else None
         with torch.enable_grad():  # which outputs need a gradient back is part of what torch must know
             out = module(*inputs)
         out_t = [_leaf(t, t.requires_grad) for t in ((out,) if isinstance(out, Tensor) else out)]

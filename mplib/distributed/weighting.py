@@ -46,8 +46,9 @@ def rows(batch: int, dp: int, replica: int, chunks: int) -> tuple[slice, list[in
     return slice(start, start + parts[replica]), chunk_sizes(parts[replica], chunks)
 
 
-def pad(t: Tensor, sizes: list[int]) -> Tensor:
-    """`t`'s micro-batches (of `sizes` rows) each filled up to the largest with copies of its first row.
+def pad(t: Tensor, sizes: list[int], fill: float | None = None) -> Tensor:
+    """`t`'s micro-batches (of `sizes` rows) each filled up to the largest with copies of its first row
+    (with `fill`: with rows of that value, e.g. labels -100 that a model's own loss ignores).
 
     Example:
         pad(torch.arange(5), [3, 2])   # [0, 1, 2, 3, 4, 3]
@@ -57,7 +58,13 @@ def pad(t: Tensor, sizes: list[int]) -> Tensor:
     for s in sizes:
         index += list(range(start, start + s)) + [start] * (n - s)
         start += s
-    return t if n * len(sizes) == t.shape[0] else t[torch.tensor(index, device=t.device)]
+    if n * len(sizes) == t.shape[0]:
+        return t
+    out = t[torch.tensor(index, device=t.device)]
+    if fill is not None:
+        real = torch.tensor([i < s for s in sizes for i in range(n)], device=t.device)
+        out[~real] = fill
+    return out
 
 
 def weights(counts: list[int], sizes: list[int], group: Any = None, device: Any = None) -> list[float]:
